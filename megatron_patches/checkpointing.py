@@ -1,0 +1,146 @@
+"""Atomic distributed checkpoints (megatron-core ``dist_checkpointing``, torch_dist format).
+
+Layout of ``checkpoint.dir``::
+
+    iter_0000200/          one complete checkpoint (loadable at any TP/PP layout)
+    iter_0000300.tmp/      a save in progress, or one that was killed: never loaded
+    latest                 the iteration of the newest complete checkpoint
+
+A save writes into ``iter_N.tmp``, renames it to ``iter_N`` once every rank has finished and only
+then moves ``latest`` (write-then-rename), so a crash at any moment leaves the previous
+checkpoint loadable and ``latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_patches.config import ConfigError, RunConfig, to_dict
+
+LATEST = "latest"
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: Path) -> int | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{pointer} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def _layout() -> list[int]:
+    return [
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    ]
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states, keyed by its place in the parallel layout."""
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    rank = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, tuple(_layout()), rank, replica_id=0)
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
+    state = {}
+    for index, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{index}"
+        state[key] = chunk.sharded_state_dict()
+    if optimizer is not None:
+        model_state = {k: v for k, v in state.items() if k.startswith("model")}
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    return state
+
+
+def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: RunConfig) -> Path:
+    """Save model, optimizer, RNG and ``extra`` (plain, rank-0 state) as checkpoint ``iteration``."""
+    final = iteration_dir(root, iteration)
+    if final.exists():
+        return final  # this iteration is already saved; never overwrite a complete checkpoint
+    staging = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        if staging.exists():
+            shutil.rmtree(staging)  # left behind by a killed save
+        staging.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state.update(
+        extra, iteration=iteration, layout=_layout(), rng_state=_rng_state(), config=to_dict(run)
+    )
+    dist_checkpointing.save(state, str(staging))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (staging / "run_config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
+        os.replace(staging, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(f"{iteration}\n")
+        os.replace(pointer, root / LATEST)
+    dist.barrier()
+    return final
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint folder from either a checkpoint root (with ``latest``) or an ``iter_N`` folder."""
+    if not path.exists():
+        raise ConfigError(f"checkpoint path {path} does not exist")
+    if (path / "metadata.json").is_file():
+        return path
+    iteration = latest_iteration(path)
+    if iteration is None:
+        raise ConfigError(
+            f"{path} is neither a checkpoint (no metadata.json) nor a checkpoint root "
+            f"(no '{LATEST}' file)"
+        )
+    return iteration_dir(path, iteration)
+
+
+def load(path: Path, model_chunks, optimizer) -> dict:
+    """Load ``path`` into the model (and the optimizer unless None); return its plain state.
+
+    Any TP/PP layout can load any checkpoint; RNG states are per rank, so they are restored
+    only when the layout is unchanged.
+    """
+    state = _sharded_state(model_chunks, optimizer, is_loading=True)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    same_layout = common.get("layout") == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_state()
+    loaded = dist_checkpointing.load(state, str(path))
+    for index, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{index}"
+        chunk.load_state_dict(loaded.pop(key))
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded.pop("optimizer"))
+    if same_layout:
+        _set_rng_state(loaded.pop("rng_state"))
+    return loaded

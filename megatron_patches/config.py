@@ -1,0 +1,251 @@
+"""One typed configuration for the whole recipe: YAML presets plus ``section.key=value`` overrides.
+
+Every section is a dataclass; loading checks keys and types and names the closest valid key
+when one is misspelt, so a typo fails at start-up instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, no biases)."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: int = 344
+    vocab_size: int = 32000
+    make_vocab_size_divisible_by: int = 128  # embedding rows are padded for tensor parallelism
+    seq_length: int = 256
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.query_groups}"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+
+
+@dataclass
+class EPASConfig:
+    """Which layers may share and how the sharing region grows (Algorithm 1 of the paper).
+
+    The target set is either ``sharing_layers`` (explicit 0-based indices, as in Hugging Face)
+    or ``num_sharing_layers`` deep layers split into ``num_blocks`` equal blocks, separated by
+    ``block_gap`` compute layers, ending at the last layer (or just before it when
+    ``include_last_layer`` is false).
+    """
+
+    mode: str = "qk"  # "qk": reuse Q and K, compute V; "kv": reuse K and V, compute Q
+    num_sharing_layers: int = 0
+    sharing_layers: list[int] | None = None
+    num_blocks: int = 1
+    block_gap: int = 1
+    include_last_layer: bool = True
+    interval: int = 100  # I: steps between two growths
+    growth: int = 1  # B: layers added per growth
+    start_step: int = 0  # steps before the first growth is counted
+
+
+@dataclass
+class DataConfig:
+    """Training data: a weighted blend of megatron-core indexed datasets, or synthetic tokens."""
+
+    mock: bool = False  # synthetic random tokens, no files needed
+    paths: list[str] | None = None  # dataset prefixes (PREFIX.bin / PREFIX.idx)
+    weights: list[float] | None = None  # blend weights, one per path (default: by size)
+    split: str = "969,30,1"  # train,valid,test proportions
+    tokenizer: str | None = None  # Hugging Face tokenizer folder (EOD id, vocab check)
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    cache_dir: str | None = None  # where megatron-core caches dataset indices
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    decay_style: str = "cosine"  # constant, linear, cosine, inverse-square-root, WSD
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 300
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_steps: int = 5
+    recompute: str | None = None  # None, "selective" (core attention) or "full"
+    recompute_num_layers: int = 1  # with recompute "full"
+    exit_duration_minutes: float | None = None  # save and stop before a job time limit
+    peak_tflops: float | None = None  # per device, for MFU (e.g. 989 for H100 dense bf16)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # where checkpoints are written (and resumed from)
+    save_interval: int | None = None
+    load: str | None = None  # start from this checkpoint folder instead (e.g. a converted HF model)
+    load_optimizer: bool = True  # false: take only the weights (continual pretraining)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    epas: EPASConfig = field(default_factory=EPASConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    device: str = "cpu"  # "cpu" switches on megatron_patches.cpu_bridge
+    spec: str = "local"  # "local" (megatron-core modules) or "te" (Transformer Engine, GPU)
+    seed: int = 1234
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value, hint, where: str):
+    """Check ``value`` against a type hint, converting only where YAML/CLI lose type information."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, bool, str) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data, where: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, names)}")
+        values[key] = _coerce(value, hints[key], path)
+    return cls(**values)
+
+
+def apply_override(config, override: str) -> None:
+    """Apply one ``section.key=value`` override (the value is parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    target, where = config, ""
+    for part in parents:
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names or not dataclasses.is_dataclass(getattr(target, part)):
+            raise ConfigError(f"unknown config section '{where}{part}'{_suggest(part, names)}")
+        target, where = getattr(target, part), f"{where}{part}."
+    names = [f.name for f in dataclasses.fields(target)]
+    if leaf not in names:
+        raise ConfigError(f"unknown config key '{dotted}'{_suggest(leaf, names)}")
+    hint = typing.get_type_hints(type(target))[leaf]
+    setattr(target, leaf, _coerce(yaml.safe_load(raw), hint, dotted))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML preset (or the defaults when ``path`` is None) and apply overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; presets live in configs/")
+        data = yaml.safe_load(path.read_text()) or {}
+    config = from_dict(RunConfig, data)
+    for override in overrides:
+        apply_override(config, override)
+    config.model.validate()
+    return config
+
+
+def to_dict(config) -> dict:
+    """The resolved configuration as plain data (printed at start, saved with checkpoints)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,107 @@
+"""Training data from megatron-core's GPT datasets: blends of indexed files, or mock tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from megatron_patches.config import ConfigError, RunConfig
+
+
+@dataclass
+class TokenIds:
+    """What megatron-core's GPTDataset reads from a tokenizer (it never tokenizes)."""
+
+    eod: int
+    vocab_size: int
+    source: str  # the tokenizer folder, or "mock"
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of megatron-core's dataset cache key: a new tokenizer must not reuse old indices."""
+        return {"class": "TokenIds", "source": self.source, "eod": self.eod}
+
+
+def token_ids(run: RunConfig) -> TokenIds:
+    """The end-of-document id: the tokenizer's EOS, or the last vocabulary id for mock data."""
+    if run.data.tokenizer is None:
+        if not run.data.mock:
+            raise ConfigError("data.tokenizer is required for real data (its EOS id separates documents)")
+        return TokenIds(eod=run.model.vocab_size - 1, vocab_size=run.model.vocab_size, source="mock")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.data.tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer '{run.data.tokenizer}' has no EOS token to mark document ends")
+    if len(tokenizer) > run.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer '{run.data.tokenizer}' has {len(tokenizer)} tokens but model.vocab_size is "
+            f"{run.model.vocab_size}; set model.vocab_size={len(tokenizer)}"
+        )
+    return TokenIds(tokenizer.eos_token_id, run.model.vocab_size, run.data.tokenizer)
+
+
+def check_data_files(run: RunConfig) -> None:
+    """Fail before start-up if a dataset prefix lacks its .bin or .idx file."""
+    data = run.data
+    if data.mock:
+        return
+    if not data.paths:
+        raise ConfigError("data.paths is empty; give dataset prefixes or set data.mock=true")
+    if data.weights is not None and len(data.weights) != len(data.paths):
+        raise ConfigError(
+            f"data.weights has {len(data.weights)} entries for {len(data.paths)} data.paths"
+        )
+    for prefix in data.paths:
+        missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
+        if missing:
+            raise ConfigError(
+                f"data file {prefix}{missing[0]} not found; make it with tools/preprocess_data.py "
+                "(data.paths takes prefixes, without .bin/.idx)"
+            )
+
+
+def build_datasets(run: RunConfig, num_valid_samples: int):
+    """Train and valid datasets (``GPTDataset`` or mock) sized for the whole run."""
+    data = run.data
+    config = GPTDatasetConfig(
+        random_seed=run.seed,
+        sequence_length=run.model.seq_length,
+        blend=None if data.mock else (data.paths, data.weights),
+        split=data.split,
+        tokenizer=token_ids(run),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=data.cache_dir,
+        mmap_bin_files=True,
+    )
+    sizes = [run.training.train_steps * data.global_batch_size, num_valid_samples, 0]
+    dataset_class = MockGPTDataset if data.mock else GPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        dataset_class, sizes, lambda: True, config
+    ).build()
+    return train, valid
+
+
+def micro_batches(dataset, first_sample: int, micro_batch_size: int):
+    """This data-parallel rank's micro-batches, starting at global sample ``first_sample``.
+
+    Consecutive ``micro_batch_size × dp`` samples form one round, rank r taking its slice, so
+    the data order does not depend on how the run was split across ranks or resumed.
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    start = first_sample
+    while True:
+        first = start + dp_rank * micro_batch_size
+        samples = [dataset[i % len(dataset)] for i in range(first, first + micro_batch_size)]
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in
+               ("tokens", "labels", "loss_mask", "position_ids")}
+        start += micro_batch_size * dp_size

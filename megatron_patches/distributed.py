@@ -1,0 +1,54 @@
+"""Process-group and model-parallel start-up shared by the trainer, the tools and the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_patches import cpu_bridge
+from megatron_patches.config import RunConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(run: RunConfig) -> None:
+    """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's parallel groups.
+
+    Launched without torchrun, the process becomes a world of one so tools and the demo run
+    as plain ``python`` commands.
+    """
+    if run.device == "cpu":
+        cpu_bridge.enable()
+    elif run.device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {run.device!r}")
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if run.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("gloo" if run.device == "cpu" else "nccl")
+    parallel = run.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+    )
+    model_parallel_cuda_manual_seed(run.seed)
+
+
+def shutdown() -> None:
+    """Tear down the parallel groups and the process group (tests start several in a row)."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

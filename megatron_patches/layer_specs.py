@@ -1,0 +1,40 @@
+"""Layer specs: megatron-core's GPT layer specs with EPASSelfAttention injected."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_patches.sharing_attention import EPASSelfAttention
+
+BACKENDS = ("local", "te")
+
+
+def epas_layer_spec(sharing_mode: str = "qk", backend: str = "local") -> ModuleSpec:
+    """A LLaMA decoder-layer spec whose self-attention can run in EPAS sharing mode.
+
+    ``local`` uses megatron-core's own modules (CPU and GPU); ``te`` uses Transformer Engine
+    (GPU: input norm fused into ``linear_qkv``, flash attention).
+    """
+    if backend == "local":
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    elif backend == "te":
+        if not gpt_layer_specs.HAVE_TE:
+            raise ImportError(
+                "spec 'te' needs Transformer Engine, which is not installed; use the GPU image "
+                "(see Dockerfile) or set `spec: local`"
+            )
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        raise ValueError(f"spec must be one of {BACKENDS}, got {backend!r}")
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention,
+        module=EPASSelfAttention,
+        params={**attention.params, "sharing_mode": sharing_mode},
+    )
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
+    )

@@ -1,0 +1,64 @@
+"""Helpers the model tests share: small configs, weight perturbation, TP sharding, comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_patches.config import EPASConfig, ModelConfig, ParallelConfig, RunConfig
+
+
+def tiny_run(mode: str = "qk", num_layers: int = 6, heads: int = 4, groups: int = 2, tp: int = 1) -> RunConfig:
+    """A small LLaMA (GQA by default) that runs in well under a second on CPU."""
+    return RunConfig(
+        model=ModelConfig(
+            num_layers=num_layers,
+            hidden_size=64,
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            ffn_hidden_size=96,
+            vocab_size=256,
+            make_vocab_size_divisible_by=64,
+            seq_length=16,
+        ),
+        parallel=ParallelConfig(tensor_parallel=tp),
+        epas=EPASConfig(mode=mode),
+        device="cpu",
+        seed=7,
+    )
+
+
+def random_weights(model: torch.nn.Module, seed: int = 0) -> dict:
+    """Give every parameter O(1)-scale random values so attention is far from uniform."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in model.named_parameters():
+        noise = torch.randn(tensor.shape, generator=generator)
+        state[name] = 1 + 0.1 * noise if "layernorm" in name else 0.15 * noise
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(state[name])
+
+
+def tp_shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """The slice of a TP=1 tensor (weight or gradient) that tensor-parallel rank ``rank`` holds."""
+    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds [gate_r; up_r]
+        return torch.cat([half.chunk(size)[rank] for half in full.chunk(2)])
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):  # row-parallel: input columns
+        return full.chunk(size, dim=1)[rank]
+    if name.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
+        return full.chunk(size)[rank]
+    return full  # norms are replicated
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss through megatron-core's (vocab-parallel) cross entropy."""
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    return model(tokens, positions, None, labels=labels).mean()

@@ -1,0 +1,172 @@
+"""Sharing blocks across pipeline stages: every layout equals the single-stage model (gloo)."""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_patches import distributed, pipeline
+from megatron_patches.model import build_model, transformer_config
+from tests.model_utils import load_weights, random_weights, relative_error, tiny_run, tp_shard
+from tests.multiprocess import run_workers
+
+LAYERS, MICRO_BATCHES, MICRO_BATCH, SEQ = 8, 4, 2, 16
+# One block spanning three chunks under PP=4 / VPP, plus a block local to the last stage.
+SPANNING = (2, 3, 4, 5, 7)
+# The region grows across the 3|4 boundary between two iterations (p2p shapes change).
+GROWING = [(5, 7), (4, 5, 7)]
+
+
+def _layout_run(mode, tp=1, pp=1, vp=None):
+    run = tiny_run(mode, num_layers=LAYERS, tp=tp)
+    run.parallel.pipeline_parallel, run.parallel.virtual_pipeline = pp, vp
+    return run
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(11)
+    return [
+        (
+            torch.randint(0, 256, (MICRO_BATCH, SEQ), generator=generator),
+            torch.randint(0, 256, (MICRO_BATCH, SEQ), generator=generator),
+        )
+        for _ in range(MICRO_BATCHES)
+    ]
+
+
+def _loss_func(output):
+    loss = output.float().mean()
+    return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    positions = torch.arange(SEQ).expand_as(tokens)
+    return model(tokens, positions, None, labels=labels), _loss_func
+
+
+def _global_name(chunk, name: str) -> str:
+    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+    if not match:
+        return name
+    layer = chunk.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+
+
+def _pipeline_worker(rank, layout, cases):
+    run = _layout_run("qk", **layout)
+    distributed.initialize(run)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = run.parallel.tensor_parallel
+    vp = run.parallel.virtual_pipeline
+    results = []
+    for mode, state, iterations in cases:
+        run = _layout_run(mode, **layout)
+        config = transformer_config(run)
+        chunks = []
+        for index in range(vp or 1):
+            stage = index if vp else None
+            chunk = build_model(
+                run,
+                config,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage,
+            )
+            load_weights(chunk, {
+                name: tp_shard(_global_name(chunk, name), state[_global_name(chunk, name)], tp_rank, tp)
+                for name, _ in chunk.named_parameters()
+            })
+            chunks.append(chunk)
+        for sharing, batches, expected_grads in iterations:
+            for chunk in chunks:
+                chunk.zero_grad(set_to_none=True)
+                chunk.set_sharing_layers(sharing)
+            losses = get_forward_backward_func()(
+                forward_step_func=_forward_step,
+                data_iterator=[iter(batches) for _ in chunks] if vp else iter(batches),
+                model=chunks if vp else chunks[0],
+                num_microbatches=MICRO_BATCHES,
+                seq_length=chunks[0].p2p_seq_length(SEQ),
+                micro_batch_size=MICRO_BATCH,
+            )
+            loss = sum(item["loss"] for item in losses).item() / MICRO_BATCHES if losses else None
+            errors = {}
+            for chunk in chunks:
+                for name, param in chunk.named_parameters():
+                    full = _global_name(chunk, name)
+                    errors[full] = relative_error(param.grad, tp_shard(full, expected_grads[full], tp_rank, tp))
+            worst = max(errors, key=errors.get)
+            results.append((mode, sharing, loss, worst, errors[worst]))
+    distributed.shutdown()
+    return results
+
+
+def _single_stage(mode, sharing_sets):
+    """Weights and, per sharing set, the loss and gradients of the unsplit model."""
+    model = build_model(_layout_run(mode))
+    state = random_weights(model, seed=5)
+    load_weights(model, state)
+    batches = _batches()
+    iterations, losses = [], []
+    for sharing in sharing_sets:
+        model.zero_grad(set_to_none=True)
+        model.set_sharing_layers(sharing)
+        total = 0.0
+        for tokens, labels in batches:
+            loss = model(tokens, torch.arange(SEQ).expand_as(tokens), None, labels=labels).mean()
+            (loss / MICRO_BATCHES).backward()
+            total += loss.item() / MICRO_BATCHES
+        iterations.append((sharing, batches, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        losses.append(total)
+    return (mode, state, iterations), losses
+
+
+LAYOUTS = {
+    "pp2": (dict(pp=2), 2),
+    "pp4": (dict(pp=4), 4),
+    "tp2_pp2": (dict(tp=2, pp=2), 4),
+    "pp2_vp2": (dict(pp=2, vp=2), 2),
+}
+
+
+@pytest.mark.usefixtures("megatron_cpu")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pipeline_layout_equals_single_stage(layout):
+    kwargs, world = LAYOUTS[layout]
+    cases, expected_losses = [], {}
+    for mode in ("qk", "kv"):
+        for sets in ([SPANNING], GROWING):
+            case, losses = _single_stage(mode, sets)
+            cases.append(case)
+            expected_losses.update({(mode, s): loss for s, loss in zip(sets, losses)})
+
+    checked = set()
+    for rank_results in run_workers(_pipeline_worker, world, kwargs, cases):
+        for mode, sharing, loss, worst, error in rank_results:
+            assert error < 1e-5, (layout, mode, sharing, worst, error)
+            if loss is not None:
+                assert loss == pytest.approx(expected_losses[(mode, sharing)], rel=1e-6)
+                checked.add((mode, sharing))
+    assert checked == set(expected_losses)  # the last stage reported every loss
+
+
+def test_chunk_boundaries_and_packing_round_trip():
+    config = transformer_config(_layout_run("qk", pp=2, vp=2))
+    assert pipeline.chunk_start_layers(config) == {2, 4, 6}
+    hidden = torch.randn(SEQ, MICRO_BATCH, 64)
+    for mode in ("qk", "kv"):
+        query_heads = 4 if mode == "qk" else 2
+        shared = (torch.randn(SEQ, MICRO_BATCH, query_heads, 16), torch.randn(SEQ, MICRO_BATCH, 2, 16))
+        rows = pipeline.extra_rows(config, mode, SEQ)
+        packed = pipeline.pack(hidden, shared, rows)
+        assert packed.shape == (pipeline.p2p_seq_length(config, mode, SEQ), MICRO_BATCH, 64)
+        got_hidden, shared_rows, seq_length = pipeline.split(config, mode, packed)
+        assert seq_length == SEQ and torch.equal(got_hidden, hidden)
+        for got, expected in zip(pipeline.unpack(config, mode, shared_rows, seq_length), shared):
+            assert torch.equal(got, expected)

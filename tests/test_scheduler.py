@@ -1,0 +1,96 @@
+"""Algorithm 1: deep-to-shallow growth at exact steps, exact resume, every configuration error."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_patches import distributed
+from megatron_patches.config import ConfigError, EPASConfig, RunConfig
+from megatron_patches.scheduler import SharingScheduler, resolve_target_layers
+from tests.multiprocess import run_workers
+
+
+def test_grows_deep_to_shallow_at_exact_steps():
+    scheduler = SharingScheduler(12, EPASConfig(num_sharing_layers=6, growth=2, interval=10))
+    assert scheduler.target == (6, 7, 8, 9, 10, 11)
+    changed_at, sets = [], {}
+    for step in range(1, 1001):
+        if scheduler.step():
+            changed_at.append(step)
+        sets[step] = scheduler.current
+    assert changed_at == [10, 20, 30]
+    assert sets[9] == () and sets[10] == (10, 11) and sets[20] == (8, 9, 10, 11)
+    assert sets[30] == sets[1000] == (6, 7, 8, 9, 10, 11)
+    assert scheduler.growth_steps == [(10, (10, 11)), (20, (8, 9, 10, 11)), (30, sets[30])]
+
+
+def test_start_step_and_last_layer_excluded():
+    scheduler = SharingScheduler(8, EPASConfig(num_sharing_layers=2, interval=5, start_step=7, include_last_layer=False))
+    assert scheduler.target == (5, 6)
+    assert [scheduler.sharing_layers_at(s) for s in (11, 12, 17)] == [(), (6,), (5, 6)]
+
+
+def test_explicit_list_and_blocks_grow_deepest_first():
+    listed = SharingScheduler(10, EPASConfig(sharing_layers=[9, 2, 5], interval=1))
+    assert [listed.sharing_layers_at(s) for s in (1, 2, 3)] == [(9,), (5, 9), (2, 5, 9)]
+    blocks = SharingScheduler(22, EPASConfig(num_sharing_layers=6, num_blocks=3, interval=1, growth=2))
+    assert blocks.target == (14, 15, 17, 18, 20, 21)
+    assert [blocks.sharing_layers_at(s) for s in (1, 2)] == [(20, 21), (17, 18, 20, 21)]
+
+
+def test_resume_mid_schedule_is_exact():
+    epas = EPASConfig(num_sharing_layers=4, interval=4)
+    first = SharingScheduler(8, epas)
+    for _ in range(7):
+        first.step()
+    resumed = SharingScheduler(8, epas)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(20):
+        assert first.step() == resumed.step()
+        assert first.current == resumed.current
+    other = SharingScheduler(8, EPASConfig(num_sharing_layers=4, interval=5))
+    with pytest.raises(ConfigError, match="interval=4 but this run has interval=5"):
+        other.load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(sharing_layers=[0, 3]), "contains layer 0"),
+        (dict(sharing_layers=[3, 8]), r"\[8\] are outside the model's layers 0\.\.7"),
+        (dict(sharing_layers=[-1]), "outside the model's layers"),
+        (dict(sharing_layers=[3, 3]), "lists a layer twice"),
+        (dict(num_sharing_layers=3, growth=2), "not a multiple of epas.growth=2"),
+        (dict(num_sharing_layers=2, interval=0), "epas.interval must be at least 1"),
+        (dict(num_sharing_layers=2, growth=0), "epas.growth must be at least 1"),
+        (dict(start_step=-1), "epas.start_step must be 0 or more"),
+        (dict(mode="q"), "epas.mode must be one of"),
+        (dict(num_sharing_layers=8), "do not fit in 8 layers"),
+        (dict(num_sharing_layers=6, num_blocks=3), "do not fit in 8 layers"),
+        (dict(num_sharing_layers=4, num_blocks=3), "cannot be split into epas.num_blocks=3"),
+        (dict(num_sharing_layers=2, sharing_layers=[5, 6]), "not both"),
+    ],
+)
+def test_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_target_layers(8, EPASConfig(**settings))
+
+
+def _agreement_worker(rank, extra_steps_on_rank1):
+    distributed.initialize(RunConfig(device="cpu"))
+    scheduler = SharingScheduler(8, EPASConfig(num_sharing_layers=2, interval=1))
+    for _ in range(1 + (extra_steps_on_rank1 if rank == 1 else 0)):
+        scheduler.step()
+    try:
+        scheduler.check_same_on_all_ranks()
+        return "agree"
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        distributed.shutdown()
+
+
+def test_ranks_are_checked_for_agreement():
+    assert run_workers(_agreement_worker, 2, 0) == ["agree", "agree"]
+    for result in run_workers(_agreement_worker, 2, 1):
+        assert "ranks disagree on the EPAS schedule" in result

@@ -1,0 +1,183 @@
+"""The training loop: exact resume, atomic checkpoints, signals, config errors, real training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megatron_patches import checkpointing, distributed
+from megatron_patches.config import ConfigError, load_config
+from megatron_patches.training import Trainer, validate_run
+from tests.multiprocess import run_workers
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+
+
+def _run(tmp: Path, name: str, *overrides: str):
+    """The tiny preset on mock data, logging every step, with its own checkpoint and log dirs."""
+    return load_config(
+        TINY,
+        [
+            "data.mock=true",
+            "data.micro_batch_size=2",
+            "data.global_batch_size=8",
+            f"data.cache_dir={tmp / 'cache'}",
+            "training.log_interval=1",
+            "training.eval_interval=0",
+            "epas.interval=3",
+            f"checkpoint.dir={tmp / name / 'ckpt'}",
+            f"logging.tensorboard_dir={tmp / name / 'tb'}",
+            *overrides,
+        ],
+    )
+
+
+def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def _train_worker(rank, run):
+    distributed.initialize(run)
+    Trainer(run).train()
+    distributed.shutdown()
+
+
+# ---- configuration errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["parallel.tensor_parallel=3", "model.num_attention_heads=6", "model.hidden_size=96"], 3,
+         "must divide model.num_attention_heads=6 and model.num_query_groups=2"),
+        (["parallel.tensor_parallel=4"], 4, "must divide model.num_attention_heads=4 and model.num_query_groups=2"),
+        (["parallel.pipeline_parallel=4"], 4, "model.num_layers=6 is not divisible by pipeline_parallel"),
+        (["data.global_batch_size=6"], 2, "data.global_batch_size=6 is not divisible by"),
+        (["data.mock=false", "data.paths=[/nonexistent/corpus]"], 1, "data file /nonexistent/corpus.bin not found"),
+        (["parallel.tensor_parallel=2"], 3, "3 processes cannot be split"),
+        (["training.recompute=full"], 1, "would drop the gradients"),
+        (["parallel.pipeline_parallel=2", "epas.num_sharing_layers=4"], 2, "cross a stage boundary"),
+        (["epas.num_sharing_layers=4", "epas.growth=3"], 1, "growth"),
+    ],
+)
+def test_config_errors_are_clear(tmp_path, overrides, world, message):
+    run = _run(tmp_path, "x", *overrides)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        validate_run(run, world)
+
+
+def test_cli_reports_config_errors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, "trainig.train_steps=5"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown config section 'trainig'; did you mean 'training'" in result.stderr
+
+
+# ---- resume and checkpoints ----------------------------------------------------------------------
+
+
+def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
+    steps = ["training.train_steps=8", "parallel.tensor_parallel=2"]
+    straight = _run(tmp_path, "straight", *steps)
+    run_workers(_train_worker, 2, straight)
+    halves = _run(tmp_path, "halves", *steps, "checkpoint.save_interval=4")
+    first_half = _run(tmp_path, "halves", "training.train_steps=4", "parallel.tensor_parallel=2")
+    run_workers(_train_worker, 2, first_half)
+    assert checkpointing.latest_iteration(Path(halves.checkpoint.dir)) == 4
+    run_workers(_train_worker, 2, halves)
+
+    expected = _scalars(Path(straight.logging.tensorboard_dir), "train/loss")
+    resumed = _scalars(Path(halves.logging.tensorboard_dir), "train/loss")
+    assert sorted(expected) == list(range(1, 9))
+    assert resumed == expected  # bit-identical, steps 1-4 before and 5-8 after the resume
+    sharing = _scalars(Path(halves.logging.tensorboard_dir), "epas/num_sharing_layers")
+    assert sharing[5] == 1 and sharing[6] == 2  # the region grew after the resume
+
+
+def _load_loss_worker(rank, run, path):
+    distributed.initialize(run)
+    trainer = Trainer(run)
+    checkpointing.load(Path(path), trainer.chunks, None)
+    loss = trainer._run_microbatches(trainer._iterators(trainer.train_data, 0), forward_only=True)
+    distributed.shutdown()
+    return loss.item()
+
+
+def test_checkpoint_loads_at_another_layout(tmp_path):
+    saved = _run(tmp_path, "tp2", "training.train_steps=3", "parallel.tensor_parallel=2")
+    run_workers(_train_worker, 2, saved)
+    path = str(checkpointing.resolve(Path(saved.checkpoint.dir)))
+    fresh = [f"checkpoint.dir={tmp_path / 'none'}"]
+    tp2 = run_workers(_load_loss_worker, 2, _run(tmp_path, "a", "parallel.tensor_parallel=2", *fresh), path)
+    tp1 = run_workers(_load_loss_worker, 1, _run(tmp_path, "b", *fresh), path)
+    pp2 = run_workers(_load_loss_worker, 2, _run(tmp_path, "c", "parallel.pipeline_parallel=2", *fresh), path)
+    assert tp2[0] == pytest.approx(tp1[0], rel=1e-6)
+    assert pp2[0] == pytest.approx(tp1[0], rel=1e-6)
+
+
+def _killed_during_save_worker(rank, run):
+    """Train with saves every 2 steps and die (SIGKILL) halfway through writing the second one."""
+    original = checkpointing.dist_checkpointing.save
+    saves = []
+
+    def save_then_die(state, directory, *args, **kwargs):
+        saves.append(directory)
+        if len(saves) == 2:
+            Path(directory, "partial.distcp").write_bytes(b"half a shard")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(state, directory, *args, **kwargs)
+
+    checkpointing.dist_checkpointing.save = save_then_die
+    distributed.initialize(run)
+    Trainer(run).train()
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    run = _run(tmp_path, "killed", "training.train_steps=6", "checkpoint.save_interval=2")
+    with pytest.raises(Exception):  # the worker dies without reporting
+        run_workers(_killed_during_save_worker, 1, run, timeout=120)
+    root = Path(run.checkpoint.dir)
+    assert checkpointing.latest_iteration(root) == 2
+    assert (root / "iter_0000004.tmp").exists() and not (root / "iter_0000004").exists()
+    resumed = _run(tmp_path, "killed", "training.train_steps=6", "checkpoint.save_interval=2")
+    run_workers(_train_worker, 1, resumed)
+    assert checkpointing.latest_iteration(root) == 6
+    losses = _scalars(Path(run.logging.tensorboard_dir), "train/loss")
+    assert set(losses) == set(range(1, 7))
+
+
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+    run = _run(tmp_path, "sigterm", "training.train_steps=100000")
+    args = [f"{k}={v}" for k, v in {
+        "data.mock": "true", "data.micro_batch_size": 2, "data.global_batch_size": 8,
+        "data.cache_dir": tmp_path / "cache", "training.log_interval": 1, "training.eval_interval": 0,
+        "training.train_steps": 100000, "checkpoint.dir": run.checkpoint.dir,
+    }.items()]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("iteration      3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + process.stdout.read()
+    assert process.wait(timeout=120) == 0, output
+    assert "received a stop signal: saving at iteration" in output
+    saved_at = int(output.split("saving at iteration ")[1].split()[0])
+    assert saved_at >= 3
+    assert checkpointing.latest_iteration(Path(run.checkpoint.dir)) == saved_at
