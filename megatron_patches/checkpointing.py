@@ -83,7 +83,11 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
 
 
 def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: RunConfig) -> Path:
-    """Save model, optimizer, RNG and ``extra`` (plain, rank-0 state) as checkpoint ``iteration``."""
+    """Save model, optimizer (unless None), RNG and ``extra`` as checkpoint ``iteration``.
+
+    ``model_chunks`` are the unwrapped models (no DDP), so the keys are the model's own and a
+    checkpoint written by a converter or a trainer reads the same.
+    """
     final = iteration_dir(root, iteration)
     if final.exists():
         return final  # this iteration is already saved; never overwrite a complete checkpoint
@@ -124,14 +128,39 @@ def resolve(path: Path) -> Path:
     return iteration_dir(path, iteration)
 
 
-def load(path: Path, model_chunks, optimizer) -> dict:
+SHAPE_KEYS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings",
+)
+
+
+def check_model_shape(saved: dict, run: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint whose weights have another shape than ``run.model``, naming the keys."""
+    wanted = to_dict(run.model)
+    different = [f"model.{k}={saved.get(k)!r} (run: {wanted[k]!r})" for k in SHAPE_KEYS if saved.get(k) != wanted[k]]
+    if different:
+        raise ConfigError(
+            f"checkpoint {path} holds another model shape: {', '.join(different)}; "
+            "use the preset the checkpoint was made with or override these keys"
+        )
+
+
+def load(path: Path, model_chunks, optimizer, run: RunConfig) -> dict:
     """Load ``path`` into the model (and the optimizer unless None); return its plain state.
 
     Any TP/PP layout can load any checkpoint; RNG states are per rank, so they are restored
     only when the layout is unchanged.
     """
-    state = _sharded_state(model_chunks, optimizer, is_loading=True)
+    if not (path / "metadata.json").is_file():
+        raise ConfigError(f"{path} is not a complete checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(path))
+    check_model_shape(common["config"]["model"], run, path)
+    if optimizer is not None and common.get("weights_only"):
+        raise ConfigError(
+            f"{path} holds weights only (a converted model): start from it with "
+            "checkpoint.load=<its folder> checkpoint.load_optimizer=false and a new checkpoint.dir"
+        )
+    state = _sharded_state(model_chunks, optimizer, is_loading=True)
     same_layout = common.get("layout") == _layout()
     if same_layout:
         state["rng_state"] = _rng_state()

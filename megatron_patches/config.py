@@ -45,8 +45,13 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: the vocabulary padded to ``make_vocab_size_divisible_by``.
+
+        Unlike Megatron-LM the padding does not grow with TP, so every layout reads the same
+        checkpoint; the trainer checks that TP divides it.
+        """
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
 
     def validate(self) -> None:
@@ -128,6 +133,7 @@ class TrainingConfig:
     recompute: str | None = None  # None, "selective" (core attention) or "full"
     recompute_num_layers: int = 1  # with recompute "full"
     exit_duration_minutes: float | None = None  # save and stop before a job time limit
+    exit_interval: int | None = None  # save and stop at the first iteration divisible by this
     peak_tflops: float | None = None  # per device, for MFU (e.g. 989 for H100 dense bf16)
 
 
@@ -231,14 +237,33 @@ def apply_override(config, override: str) -> None:
     setattr(target, leaf, _coerce(yaml.safe_load(raw), hint, dotted))
 
 
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A preset's data; ``base: other.yaml`` (relative to the preset) is read first and updated."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; presets live in configs/")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' includes itself through 'base'")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_preset(path.parent / base, seen + (path.resolve(),)), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML preset (or the defaults when ``path`` is None) and apply overrides."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; presets live in configs/")
-        data = yaml.safe_load(path.read_text()) or {}
+    data = _read_preset(Path(path)) if path is not None else {}
     config = from_dict(RunConfig, data)
     for override in overrides:
         apply_override(config, override)

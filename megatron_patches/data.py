@@ -64,6 +64,31 @@ def check_data_files(run: RunConfig) -> None:
                 f"data file {prefix}{missing[0]} not found; make it with tools/preprocess_data.py "
                 "(data.paths takes prefixes, without .bin/.idx)"
             )
+    check_splits(run)
+
+
+def check_splits(run: RunConfig) -> None:
+    """Refuse a ``data.split`` share that holds no document of some dataset.
+
+    megatron-core 0.16 loops forever building a split with no documents, so a small corpus
+    with the default ``969,30,1`` would hang instead of failing.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(run.data.split))
+    for prefix in run.data.paths or ():
+        documents = len(IndexedDataset(prefix, mmap=True))
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds and round(bounds[0] * documents) == round(bounds[1] * documents):
+                raise ConfigError(
+                    f"data.split={run.data.split!r} leaves the {name} split of {prefix} without a "
+                    f"document (it has {documents}); give that split a larger share or 0 "
+                    "(e.g. data.split=98,2,0)"
+                )
 
 
 def build_datasets(run: RunConfig, num_valid_samples: int):

@@ -154,7 +154,7 @@ def build_model(
     return EPASGPTModel(
         config=config or transformer_config(run),
         transformer_layer_spec=epas_layer_spec(run.epas.mode, run.spec),
-        vocab_size=run.model.padded_vocab_size(run.parallel.tensor_parallel),
+        vocab_size=run.model.padded_vocab_size(),
         max_sequence_length=run.model.seq_length,
         pre_process=pre_process,
         post_process=post_process,

@@ -52,6 +52,11 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             f"parallel.tensor_parallel={tp} must divide model.num_attention_heads="
             f"{model.num_attention_heads} and model.num_query_groups={model.query_groups}"
         )
+    if model.padded_vocab_size() % tp:
+        raise ConfigError(
+            f"the padded vocabulary ({model.padded_vocab_size()} rows) is not divisible by "
+            f"parallel.tensor_parallel={tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}"
+        )
     chunks = pp * (vp or 1)
     if model.num_layers % chunks:
         raise ConfigError(
@@ -167,10 +172,8 @@ class Trainer:
         self.num_microbatches = run.data.global_batch_size // (
             run.data.micro_batch_size * parallel_state.get_data_parallel_world_size()
         )
-        valid_samples = (
-            (run.training.train_steps // run.training.eval_interval + 1)
-            * run.training.eval_steps * run.data.global_batch_size
-        )
+        # every evaluation reads the same first eval_steps global batches of the valid split
+        valid_samples = run.training.eval_steps * run.data.global_batch_size
         self.train_data, self.valid_data = build_datasets(run, valid_samples)
         self.forward_backward = get_forward_backward_func()
 
@@ -208,7 +211,7 @@ class Trainer:
             path, resume = checkpointing.resolve(Path(ckpt.load)), ckpt.load_optimizer
         else:
             return
-        state = checkpointing.load(path, self.chunks, self.optimizer if resume else None)
+        state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run)
         if resume:
             self.iteration = state["iteration"]
             self.consumed_samples = state["consumed_samples"]
@@ -216,9 +219,14 @@ class Trainer:
             self.epas.load_state_dict(state["epas_scheduler"])
         self.log.print(f"loaded {path} ({'resuming at iteration ' + str(self.iteration) if resume else 'weights only'})")
 
+    @property
+    def models(self) -> list:
+        """The model chunks without their DDP wrappers."""
+        return [chunk.module for chunk in self.chunks]
+
     def _apply_sharing(self) -> None:
-        for chunk in self.chunks:
-            chunk.module.set_sharing_layers(self.epas.current)
+        for model in self.models:
+            model.set_sharing_layers(self.epas.current)
 
     # ---- one iteration --------------------------------------------------------------------------
 
@@ -291,7 +299,7 @@ class Trainer:
         path = checkpointing.save(
             Path(self.run.checkpoint.dir),
             self.iteration,
-            self.chunks,
+            self.models,
             self.optimizer,
             {
                 "consumed_samples": self.consumed_samples,
@@ -313,6 +321,9 @@ class Trainer:
             return "received a stop signal"
         if flag[1]:
             return f"exit_duration_minutes={limit} reached"
+        interval = self.run.training.exit_interval
+        if interval and self.iteration % interval == 0:
+            return f"exit_interval={interval} reached"
         return None
 
     def _install_signal_handlers(self) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import time
 import traceback
+from queue import Empty
 
 import torch.multiprocessing as mp
 
@@ -21,15 +24,21 @@ def _entry(fn, rank, world_size, port, queue, args):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
-        queue.put((rank, fn(rank, *args), None))
+        # plain pickle copies tensors into the message: torch's shared-memory handles would
+        # die with this process before the parent reads them
+        queue.put((rank, pickle.dumps(fn(rank, *args)), None))
     except BaseException:  # report every failure to the parent, which re-raises it
         queue.put((rank, None, traceback.format_exc()))
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 300) -> list:
-    """Call ``fn(rank, *args)`` in ``world_size`` fresh processes; return results by rank."""
+def run_workers(fn, world_size: int, *args, timeout: float = 600) -> list:
+    """Call ``fn(rank, *args)`` in ``world_size`` fresh processes; return results by rank.
+
+    Raises if a worker raises, dies without reporting (e.g. killed) or the group exceeds
+    ``timeout`` seconds; the other workers are then terminated.
+    """
     context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
+    queue = context.Queue()
     port = _free_port()
     processes = [
         context.Process(target=_entry, args=(fn, rank, world_size, port, queue, args))
@@ -38,13 +47,27 @@ def run_workers(fn, world_size: int, *args, timeout: float = 300) -> list:
     for process in processes:
         process.start()
     results, errors = {}, []
-    for _ in processes:
-        rank, result, error = queue.get()
-        results[rank] = result
-        if error:
-            errors.append(f"rank {rank}:\n{error}")
-    for process in processes:
-        process.join(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            try:
+                rank, result, error = queue.get(timeout=1.0)
+            except Empty:
+                dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise AssertionError(f"a worker died without reporting (exit codes {dead})")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"workers did not finish within {timeout} s")
+                continue
+            results[rank] = None if error else pickle.loads(result)
+            if error:
+                errors.append(f"rank {rank}:\n{error}")
+                break
+    finally:
+        for process in processes:
+            process.join(timeout=5 if errors or len(results) < world_size else None)
+            if process.is_alive():
+                process.terminate()
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[rank] for rank in range(world_size)]

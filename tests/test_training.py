@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ def _run(tmp: Path, name: str, *overrides: str):
             f"data.cache_dir={tmp / 'cache'}",
             "training.log_interval=1",
             "training.eval_interval=0",
+            "optimizer.warmup_steps=2",
             "epas.interval=3",
             f"checkpoint.dir={tmp / name / 'ckpt'}",
             f"logging.tensorboard_dir={tmp / name / 'tb'}",
@@ -66,7 +66,6 @@ def _train_worker(rank, run):
         (["data.mock=false", "data.paths=[/nonexistent/corpus]"], 1, "data file /nonexistent/corpus.bin not found"),
         (["parallel.tensor_parallel=2"], 3, "3 processes cannot be split"),
         (["training.recompute=full"], 1, "would drop the gradients"),
-        (["parallel.pipeline_parallel=2", "epas.num_sharing_layers=4"], 2, "cross a stage boundary"),
         (["epas.num_sharing_layers=4", "epas.growth=3"], 1, "growth"),
     ],
 )
@@ -92,8 +91,8 @@ def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
     steps = ["training.train_steps=8", "parallel.tensor_parallel=2"]
     straight = _run(tmp_path, "straight", *steps)
     run_workers(_train_worker, 2, straight)
-    halves = _run(tmp_path, "halves", *steps, "checkpoint.save_interval=4")
-    first_half = _run(tmp_path, "halves", "training.train_steps=4", "parallel.tensor_parallel=2")
+    halves = _run(tmp_path, "halves", *steps)
+    first_half = _run(tmp_path, "halves", *steps, "training.exit_interval=4")
     run_workers(_train_worker, 2, first_half)
     assert checkpointing.latest_iteration(Path(halves.checkpoint.dir)) == 4
     run_workers(_train_worker, 2, halves)
@@ -109,7 +108,7 @@ def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
 def _load_loss_worker(rank, run, path):
     distributed.initialize(run)
     trainer = Trainer(run)
-    checkpointing.load(Path(path), trainer.chunks, None)
+    checkpointing.load(Path(path), trainer.models, None, run)
     loss = trainer._run_microbatches(trainer._iterators(trainer.train_data, 0), forward_only=True)
     distributed.shutdown()
     return loss.item()
@@ -146,8 +145,8 @@ def _killed_during_save_worker(rank, run):
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     run = _run(tmp_path, "killed", "training.train_steps=6", "checkpoint.save_interval=2")
-    with pytest.raises(Exception):  # the worker dies without reporting
-        run_workers(_killed_during_save_worker, 1, run, timeout=120)
+    with pytest.raises(AssertionError, match="died without reporting"):
+        run_workers(_killed_during_save_worker, 1, run)
     root = Path(run.checkpoint.dir)
     assert checkpointing.latest_iteration(root) == 2
     assert (root / "iter_0000004.tmp").exists() and not (root / "iter_0000004").exists()

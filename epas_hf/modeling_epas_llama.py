@@ -1,0 +1,444 @@
+"""EPAS LLaMA for Hugging Face transformers: a LLaMA whose sharing layers reuse attention tensors of an earlier layer.
+
+A compute-mode layer is an ordinary LLaMA layer. A sharing layer takes tensors from the nearest preceding compute
+layer (its source) and computes only the rest: with ``sharing_mode="qk"`` it reuses the post-RoPE Q and K and computes
+only V; with ``"kv"`` it reuses the post-RoPE K and V and computes only Q. Norms, output projection and MLP are always
+the layer's own, and every layer keeps all its Q/K/V weights, so parameter names and shapes are those of
+``LlamaForCausalLM`` and the sharing set can be chosen at load time or changed later.
+
+This file is copied verbatim into exported checkpoints (``trust_remote_code``), so it imports only torch, transformers
+and its configuration, and it avoids transformers' LLaMA internals, which change between versions (4.57 and 5.x are
+both supported).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_epas_llama import EpasLlamaConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class SharedAttention(NamedTuple):
+    """What a layer hands on to the sharing layers after it: post-RoPE queries of this step, and keys and values
+    over everything attended to (cached past plus this step), all as [batch, heads, tokens, head_dim]."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class EpasLayerCache:
+    """One layer's part of an `EpasCache`: keys and/or values as [batch, kv_heads, tokens, head_dim], or nothing.
+
+    It holds whatever its layer appends, so a QK-sharing layer (appending values only) holds no keys and a
+    KV-sharing layer (appending nothing) holds no tensor at all.
+    """
+
+    is_croppable = True  # read by transformers 5's Cache.is_croppable: crop() below can undo any step
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor | None, values: torch.Tensor | None):
+        """Add this step's keys/values (None for one the layer does not hold); return the full ones."""
+        if keys is not None:
+            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=-2)
+        if values is not None:
+            self.values = values if self.values is None else torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+    def _map(self, function) -> None:
+        self.keys = None if self.keys is None else function(self.keys)
+        self.values = None if self.values is None else function(self.values)
+
+    def seq_length(self) -> int:
+        held = self.keys if self.keys is not None else self.values
+        return 0 if held is None else held.shape[-2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+
+    def crop(self, length: int) -> None:
+        """Drop trailing tokens: ``-n`` removes n (transformers 5 convention), ``n >= 0`` keeps the first n (4.x)."""
+        keep = self.seq_length() + length if length < 0 else length
+        self._map(lambda t: t[..., :keep, :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+
+class EpasCache(Cache):
+    """Dynamic KV cache laid out for one sharing set.
+
+    A compute layer caches K and V; a QK-sharing layer caches only V, since its keys are its source's cached keys;
+    a KV-sharing layer caches nothing. The layer-wise methods generate() calls on a cache (reorder_cache, crop,
+    batch_repeat_interleave, batch_select_indices, reset) are the base class's loops over `layers`.
+    """
+
+    def __init__(self, num_layers: int, sharing_layers, sharing_mode: str):
+        super().__init__(layers=[EpasLayerCache() for _ in range(num_layers)])
+        self.layout = (tuple(sharing_layers), sharing_mode)
+
+    def append(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None):
+        return self.layers[layer_idx].append(keys, values)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached so far; layer 0 always computes, so it always holds keys."""
+        return self.layers[0].seq_length()
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: tensors grow by concatenation; it also keeps generate() from building 4D masks or compiling."""
+        return False
+
+    def nbytes(self) -> int:
+        """Bytes held by all cached tensors."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class EpasRMSNorm(nn.Module):
+    """LLaMA's RMSNorm (statistics in fp32, weight applied in the input dtype)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(input_dtype)
+
+
+def _rope_parameters(config) -> dict:
+    """RoPE settings as one dict: transformers 5 keeps them in `rope_parameters`, 4.x in `rope_theta`/`rope_scaling`."""
+    parameters = getattr(config, "rope_parameters", None)
+    if parameters is None:
+        parameters = {"rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    parameters = dict(parameters)
+    parameters["rope_type"] = parameters.get("rope_type", parameters.get("type", "default"))
+    return parameters
+
+
+class EpasRotaryEmbedding(nn.Module):
+    """LLaMA's rotary position embedding (default, "linear" or "llama3" frequencies).
+
+    The inverse frequencies are recomputed per call instead of living in a buffer: a non-persistent buffer is left
+    uninitialised when transformers builds the model on the meta device, and the cost is a few hundred flops.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.settings = _rope_parameters(config)
+        self.head_dim = config.head_dim
+        if self.settings["rope_type"] not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {self.settings['rope_type']!r} is not supported by EpasLlama "
+                f"(supported: {SUPPORTED_ROPE_TYPES})"
+            )
+
+    def inverse_frequencies(self, device) -> torch.Tensor:
+        p, dim = self.settings, self.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        inv_freq = 1.0 / (p["rope_theta"] ** exponents)
+        if p["rope_type"] == "linear":
+            return inv_freq / p["factor"]
+        if p["rope_type"] == "llama3":
+            factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+            old_context = p["original_max_position_embeddings"]
+            wavelength = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+            smooth = (old_context / wavelength - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            is_medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+            return torch.where(is_medium, smoothed, scaled)
+        return inv_freq
+
+    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype):
+        """cos and sin as [batch, 1, tokens, head_dim], ready to broadcast over heads."""
+        freqs = position_ids[..., None].float() * self.inverse_frequencies(position_ids.device)
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention_mask(attention_mask, query_length: int, past_length: int, device):
+    """SDPA mask arguments for causal attention over past + new tokens with an optional 2D padding mask.
+
+    Returns (mask, is_causal): mask is boolean [batch, 1, query, key] (True = attend) or None when plain causal
+    attention (or none, for a single new token) is exact, which keeps SDPA's fastest kernels available.
+    """
+    key_length = past_length + query_length
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] != key_length:
+            raise ValueError(
+                f"attention_mask must be [batch, {key_length}] (past + new tokens), got {tuple(attention_mask.shape)}"
+            )
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None and (past_length == 0 or query_length == 1):
+        return None, query_length > 1
+    query_positions = torch.arange(past_length, key_length, device=device)[:, None]
+    key_positions = torch.arange(key_length, device=device)[None, :]
+    allowed = (key_positions <= query_positions)[None, None]
+    if attention_mask is not None:
+        # a padding query's row is then all-masked: SDPA (torch >= 2.5) returns zeros there, no NaN
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    return allowed, False
+
+
+class EpasAttention(nn.Module):
+    """LLaMA self-attention that, in a sharing layer, takes Q and K (qk) or K and V (kv) from its source layer."""
+
+    def __init__(self, config: EpasLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def _heads(self, projection: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = projection.shape
+        return projection.view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode):
+        """`shared` is the source layer's SharedAttention in a sharing layer, None in a compute layer."""
+        cos, sin = rope
+        if shared is None:
+            queries = _apply_rope(self._heads(self.q_proj(hidden_states)), cos, sin)
+            keys = _apply_rope(self._heads(self.k_proj(hidden_states)), cos, sin)
+            values = self._heads(self.v_proj(hidden_states))
+            if cache is not None:
+                keys, values = cache.append(self.layer_idx, keys, values)
+        elif sharing_mode == "qk":
+            queries, keys = shared.queries, shared.keys
+            values = self._heads(self.v_proj(hidden_states))
+            if cache is not None:
+                _, values = cache.append(self.layer_idx, None, values)
+        else:
+            queries = _apply_rope(self._heads(self.q_proj(hidden_states)), cos, sin)
+            keys, values = shared.keys, shared.values
+        attended = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            enable_gqa=self.num_heads != self.num_key_value_heads,
+        )
+        batch, _, length, _ = attended.shape
+        output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        return output, SharedAttention(queries, keys, values)
+
+
+class EpasMLP(nn.Module):
+    def __init__(self, config: EpasLlamaConfig):
+        super().__init__()
+        hidden, ffn, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.up_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, hidden, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EpasLlamaDecoderLayer(nn.Module):
+    def __init__(self, config: EpasLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = EpasAttention(config, layer_idx)
+        self.mlp = EpasMLP(config)
+        self.input_layernorm = EpasRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = EpasRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode):
+        attended, produced = self.self_attn(
+            self.input_layernorm(hidden_states), rope, mask, is_causal, cache, shared, sharing_mode
+        )
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, produced
+
+
+class EpasLlamaPreTrainedModel(PreTrainedModel):
+    config_class = EpasLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["EpasLlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # checkpoints from old transformers versions saved RoPE's inverse frequencies; they are recomputed here
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def set_sharing_layers(self, layers) -> None:
+        """Switch the given layers (0-based) to sharing mode and all others to compute mode (validated)."""
+        self.config.sharing_layers = self.config.checked_sharing_layers(layers)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """False: generate() must not build its DynamicCache; the model builds its EpasCache on the first forward."""
+        return False
+
+
+class EpasLlamaModel(EpasLlamaPreTrainedModel):
+    """The decoder stack; returns final hidden states and the EpasCache."""
+
+    def __init__(self, config: EpasLlamaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = EpasRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = EpasRotaryEmbedding(config)
+        # from_pretrained applies keyword overrides (e.g. sharing_layers=...) after the config is built: check them
+        self.set_sharing_layers(config.sharing_layers)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _cache_for(self, past_key_values, use_cache: bool) -> EpasCache | None:
+        layout = (tuple(self.config.sharing_layers), self.config.sharing_mode)
+        if past_key_values is None:
+            return EpasCache(len(self.layers), *layout) if use_cache else None
+        if not isinstance(past_key_values, EpasCache):
+            raise TypeError(
+                f"EpasLlama needs an EpasCache (or None, to build one), got {type(past_key_values).__name__}: "
+                "other caches do not know which layers hold keys and values"
+            )
+        if past_key_values.layout != layout:
+            raise ValueError(
+                f"the cache was built for sharing layers/mode {past_key_values.layout}, the model now uses {layout}"
+            )
+        return past_key_values
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: EpasCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """LLaMA's forward. `attention_mask` is 2D [batch, past + new tokens] (0 = padding); `use_cache` defaults to
+        config.use_cache outside training; other keyword arguments that generate() passes (cache_position,
+        return_dict, ...) are accepted and unused."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = self._cache_for(past_key_values, use_cache)
+        length = hidden_states.shape[1]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length, device=hidden_states.device)[None]
+        rope = self.rotary_emb(position_ids, hidden_states.dtype)
+        mask, is_causal = _attention_mask(attention_mask, length, past_length, hidden_states.device)
+
+        sharing, mode = set(self.config.sharing_layers), self.config.sharing_mode
+        source = None
+        for index, layer in enumerate(self.layers):
+            is_sharing = index in sharing
+            hidden_states, produced = layer(
+                hidden_states, rope, mask, is_causal, cache, source if is_sharing else None, mode
+            )
+            if not is_sharing:
+                source = produced
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)
+
+
+class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
+    """EPAS LLaMA with its language-model head; a drop-in for LlamaForCausalLM checkpoints."""
+
+    # the dict form is what transformers 5 reads; 4.x iterates it and gets the tied parameter's name
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: EpasLlamaConfig):
+        super().__init__(config)
+        self.model = EpasLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: EpasCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (for the last `logits_to_keep` positions, 0 = all), and the next-token loss if `labels` are given
+        (-100 = ignored)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, kept])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
