@@ -13,8 +13,13 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 
+# The embedded default: build the demo corpus (offline), train the tiny CPU preset on it while its
+# sharing region grows, then plot the run. A finished run is left as it is (delete checkpoints/tiny_cpu
+# and runs/tiny_cpu to train again).
 demo:
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/build_demo_corpus.py --output-dir data/demo
+	$(BIN)/python pretrain_epas.py --config configs/tiny_cpu.yaml
+	$(BIN)/python tools/plot_runs.py runs/tiny_cpu --output runs/tiny_cpu/plots --smooth 0.8
 
 test:
 	$(BIN)/python -m pytest -q

@@ -29,10 +29,10 @@ class TokenIds:
 
 def token_ids(run: RunConfig) -> TokenIds:
     """The end-of-document id: the tokenizer's EOS, or the last vocabulary id for mock data."""
-    if run.data.tokenizer is None:
-        if not run.data.mock:
-            raise ConfigError("data.tokenizer is required for real data (its EOS id separates documents)")
+    if run.data.mock:
         return TokenIds(eod=run.model.vocab_size - 1, vocab_size=run.model.vocab_size, source="mock")
+    if run.data.tokenizer is None:
+        raise ConfigError("data.tokenizer is required for real data (its EOS id separates documents)")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.data.tokenizer)

@@ -167,6 +167,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self._stop_signal = None
+        self._last_saved = None
         self._load_checkpoint()
         self._apply_sharing()
         self.num_microbatches = run.data.global_batch_size // (
@@ -225,8 +226,16 @@ class Trainer:
         return [chunk.module for chunk in self.chunks]
 
     def _apply_sharing(self) -> None:
+        seq_length = self.run.model.seq_length
+        before = self.models[0].p2p_seq_length(seq_length)
         for model in self.models:
             model.set_sharing_layers(self.epas.current)
+        after = self.models[0].p2p_seq_length(seq_length)
+        if after != before:
+            self.log.print(
+                f"pipeline messages now carry shared activations: p2p length {after} instead "
+                f"of {before} per micro-batch (see docs/PIPELINE.md)"
+            )
 
     # ---- one iteration --------------------------------------------------------------------------
 
@@ -308,6 +317,7 @@ class Trainer:
             },
             self.run,
         )
+        self._last_saved = self.iteration
         self.log.print(f"saved checkpoint {path}")
 
     def _should_stop(self, started: float) -> str | None:
@@ -338,13 +348,26 @@ class Trainer:
         self._install_signal_handlers()
         self.log.print(f"EPAS target {list(self.epas.target)} (mode {run.epas.mode}); "
                        f"sharing now {list(self.epas.current)}")
+        if self.iteration >= training.train_steps:
+            self.log.print(
+                f"{run.checkpoint.dir} is already at iteration {self.iteration} of "
+                f"training.train_steps={training.train_steps}: nothing to train (raise "
+                "training.train_steps to continue, or give a new checkpoint.dir)"
+            )
         tokens_per_step = run.data.global_batch_size * run.model.seq_length
-        world = dist.get_world_size()
         started = time.time()
-        window_start, window_steps = time.perf_counter(), 0
+        window = {"steps": 0, "seconds": 0.0, "flops": 0.0}  # training steps since the last log line
         while self.iteration < training.train_steps:
-            metrics = self.train_step()
-            window_steps += 1
+            sharing = self.epas.current  # the set this step trains with
+            step_start = time.perf_counter()
+            metrics = self.train_step()  # ends in loss.item(): the device has finished the step
+            window["seconds"] += time.perf_counter() - step_start
+            window["steps"] += 1
+            window["flops"] += tokens_per_step * training_flops_per_token(
+                run.model, sharing, run.epas.mode, causal=run.spec == "te"
+            )
+            # every step, so plots mark each growth of the region at its exact step
+            self.log.scalars(self.iteration, {"epas/num_sharing_layers": len(sharing)})
             if self.epas.step():
                 self.epas.check_same_on_all_ranks()
                 self._apply_sharing()
@@ -352,10 +375,8 @@ class Trainer:
                                f"{list(self.epas.current)}")
                 self.log.text(self.iteration, "epas/sharing_layers", str(list(self.epas.current)))
             if self.iteration % training.log_interval == 0 or self.iteration == training.train_steps:
-                self._device_sync()
-                elapsed = (time.perf_counter() - window_start) / window_steps
-                self._log_step(metrics, elapsed, tokens_per_step, world)
-                window_start, window_steps = time.perf_counter(), 0
+                self._log_step(metrics, sharing, window, tokens_per_step)
+                window = {"steps": 0, "seconds": 0.0, "flops": 0.0}
             if training.eval_interval and self.iteration % training.eval_interval == 0:
                 valid_loss = self.evaluate()
                 self.log.scalars(self.iteration, {"valid/loss": valid_loss})
@@ -369,28 +390,26 @@ class Trainer:
                 self.save()
                 break
         else:
-            self.save()
+            if self.iteration != self._last_saved:
+                self.save()
         self.log.close()
         return self.iteration
 
-    def _device_sync(self) -> None:
-        if self.run.device == "cuda":
-            torch.cuda.synchronize()
+    def _log_step(self, metrics: dict, sharing: tuple[int, ...], window: dict, tokens_per_step: int) -> None:
+        """One console line and the TensorBoard scalars for the steps since the last line.
 
-    def _log_step(self, metrics: dict, step_time: float, tokens_per_step: int, world: int) -> None:
+        TFLOP/s counts the FLOPs each step really did with the sharing set it trained with
+        (skipped projections are not counted), divided by every device of the job.
+        """
         run = self.run
-        sharing = self.epas.current
-        flops = training_flops_per_token(
-            run.model, sharing, run.epas.mode, causal=run.spec == "te"
-        ) * tokens_per_step
-        tflops_per_device = flops / step_time / world / 1e12
+        step_time = window["seconds"] / window["steps"]
+        tflops_per_device = window["flops"] / window["seconds"] / dist.get_world_size() / 1e12
         values = {
             "train/loss": metrics["loss"],
             "train/lr": self.lr_scheduler.get_lr(self.optimizer.param_groups[0]),
             "train/grad_norm": metrics["grad_norm"] or 0.0,
             "train/tokens_per_s": tokens_per_step / step_time,
             "train/tflops_per_gpu": tflops_per_device,
-            "epas/num_sharing_layers": len(sharing),
             "memory/peak_gb": peak_memory_gb(),
         }
         line = (

@@ -102,7 +102,7 @@ def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
     assert sorted(expected) == list(range(1, 9))
     assert resumed == expected  # bit-identical, steps 1-4 before and 5-8 after the resume
     sharing = _scalars(Path(halves.logging.tensorboard_dir), "epas/num_sharing_layers")
-    assert sharing[5] == 1 and sharing[6] == 2  # the region grew after the resume
+    assert sharing[4] == 1 and sharing[7] == 2  # steps 4-6 train with one sharing layer, 7-8 with two
 
 
 def _load_loss_worker(rank, run, path):
@@ -180,3 +180,39 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     saved_at = int(output.split("saving at iteration ")[1].split()[0])
     assert saved_at >= 3
     assert checkpointing.latest_iteration(Path(run.checkpoint.dir)) == saved_at
+
+
+# ---- a real run --------------------------------------------------------------------------------
+
+
+def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
+    from tools.build_demo_corpus import main as build_corpus
+    from tools.plot_runs import plot_runs
+
+    assert build_corpus(["--output-dir", str(tmp_path / "demo")]) == 0
+    run = load_config(TINY, [
+        f"data.paths=[{tmp_path / 'demo' / 'corpus'}]", f"data.tokenizer={tmp_path / 'demo' / 'tokenizer'}",
+        f"data.cache_dir={tmp_path / 'cache'}", "training.train_steps=60", "training.log_interval=1",
+        "training.eval_interval=30", "training.eval_steps=2", "training.peak_tflops=1.0",
+        "optimizer.warmup_steps=5", "epas.interval=15", f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=30", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+    ])
+    validate_run(run, 1)
+    run_workers(_train_worker, 1, run)
+
+    tensorboard = tmp_path / "tb"
+    losses = _scalars(tensorboard, "train/loss")
+    first, last = [sum(losses[s] for s in steps) / 5 for steps in (range(1, 6), range(56, 61))]
+    assert last < first - 1.0, (first, last)
+    valid = _scalars(tensorboard, "valid/loss")
+    assert sorted(valid) == [30, 60] and valid[60] < valid[30]
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_gpu", "train/mfu",
+                "memory/peak_gb"):
+        values = _scalars(tensorboard, tag)
+        assert sorted(values) == list(range(1, 61)) and all(v > 0 for v in values.values()), tag
+    sharing = _scalars(tensorboard, "epas/num_sharing_layers")
+    assert [sharing[s] for s in (15, 16, 31, 46, 60)] == [0, 1, 2, 3, 3]  # grows after steps 15, 30, 45
+    assert checkpointing.latest_iteration(tmp_path / "ckpt") == 60
+    assert (tmp_path / "ckpt" / "iter_0000030" / "run_config.yaml").is_file()
+    written = plot_runs([tensorboard], tmp_path / "plots")
+    assert [p.name for p in written] == ["loss.png", "throughput.png"]
