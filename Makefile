@@ -26,7 +26,7 @@ test:
 
 bench-cpu:
 	$(BIN)/python tools/benchmark.py train --config configs/cpu_bench.yaml --sharing 0,0.25,0.5 \
-		--mode qk --device cpu --json docs/bench_cpu_qk.json
+		--mode qk --device cpu --rounds 15 --json runs/bench_cpu_qk.json
 
 test-gpu:
 	$(BIN)/python -m pytest -q -m gpu

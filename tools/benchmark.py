@@ -132,6 +132,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     _print_table(records)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))
         print(f"wrote {args.json}")
     return 0
