@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,12 +11,6 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_patches import cpu_bridge
 from megatron_patches.config import RunConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def initialize(run: RunConfig) -> None:
@@ -31,13 +24,13 @@ def initialize(run: RunConfig) -> None:
     elif run.device != "cuda":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {run.device!r}")
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "gloo" if run.device == "cpu" else "nccl"
         if run.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("gloo" if run.device == "cpu" else "nccl")
+        if "WORLD_SIZE" in os.environ:  # torchrun, SLURM or the tests' launcher
+            dist.init_process_group(backend)
+        else:  # a plain `python` command: a world of one, no network port needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     parallel = run.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
