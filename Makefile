@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-gpu bench-cpu
+.PHONY: setup demo test test-gpu test-slurm bench-cpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ bench-cpu:
 
 test-gpu:
 	$(BIN)/python -m pytest -q -m gpu
+
+# A real two-node SLURM cluster on this machine (root; installs Debian's slurm and munge).
+test-slurm:
+	PYTHON=$(BIN)/python bash tests/slurm/run.sh

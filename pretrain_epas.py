@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
     is_rank0 = os.environ.get("RANK", "0") == "0"
     try:
         run = load_config(args.config, args.overrides)

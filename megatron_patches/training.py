@@ -126,6 +126,8 @@ class Trainer:
 
     def __init__(self, run: RunConfig):
         self.run = run
+        self._stop_signal = None
+        self._install_signal_handlers()  # a stop requested during start-up is honoured too
         self.rank = dist.get_rank()
         self.log = MetricsLogger(run.logging.tensorboard_dir, enabled=self.rank == dist.get_world_size() - 1)
         self.config = _training_transformer_config(run)
@@ -166,7 +168,6 @@ class Trainer:
         self.epas = SharingScheduler(run.model.num_layers, run.epas)
         self.iteration = 0
         self.consumed_samples = 0
-        self._stop_signal = None
         self._last_saved = None
         self._load_checkpoint()
         self._apply_sharing()
@@ -345,7 +346,6 @@ class Trainer:
 
     def train(self) -> int:
         run, training = self.run, self.run.training
-        self._install_signal_handlers()
         self.log.print(f"EPAS target {list(self.epas.target)} (mode {run.epas.mode}); "
                        f"sharing now {list(self.epas.current)}")
         if self.iteration >= training.train_steps:
