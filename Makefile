@@ -19,7 +19,7 @@ setup: $(BIN)/python
 demo:
 	$(BIN)/python tools/build_demo_corpus.py --output-dir data/demo
 	$(BIN)/python pretrain_epas.py --config configs/tiny_cpu.yaml
-	$(BIN)/python tools/plot_runs.py runs/tiny_cpu --output runs/tiny_cpu/plots --smooth 0.8
+	$(BIN)/python tools/plot_runs.py runs/tiny_cpu --output runs/tiny_cpu/plots --smooth 0.6
 
 test:
 	$(BIN)/python -m pytest -q
