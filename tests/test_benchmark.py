@@ -30,13 +30,7 @@ ROUNDS, MICRO_BATCH = 2, 2
 LABELS = ["stock", "qk 0%", "qk 50%", "kv 0%", "kv 50%"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and OpenMP threads stall badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_worker(rank, json_path):

@@ -30,13 +30,7 @@ LLAMA3_ROPE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and OpenMP threads stall badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama_kwargs(groups: int = 2, tied: bool = False, rope_scaling: dict | None = None) -> dict:
