@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from megatron_patches import checkpointing, distributed
 from megatron_patches.config import ConfigError, load_config
-from megatron_patches.training import Trainer, validate_run
+from megatron_patches.training import NonFiniteLossError, Trainer, validate_run
 from tests.multiprocess import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,3 +216,25 @@ def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
     assert (tmp_path / "ckpt" / "iter_0000030" / "run_config.yaml").is_file()
     written = plot_runs([tensorboard], tmp_path / "plots")
     assert [p.name for p in written] == ["loss.png", "throughput.png"]
+
+
+def _nan_worker(rank, run):
+    distributed.initialize(run)
+    try:
+        Trainer(run).train()
+    except NonFiniteLossError as error:
+        return str(error)
+    finally:
+        distributed.shutdown()
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run = _run(tmp_path, "nan", "training.train_steps=8", "checkpoint.save_interval=2",
+               "optimizer.lr=1.0e+12", "optimizer.min_lr=1.0e+12", "optimizer.clip_grad=0.0")
+    (message,) = run_workers(_nan_worker, 1, run)
+    assert message is not None and "at iteration" in message
+    failed_at = int(message.split("at iteration ")[1].split(";")[0])
+    root = Path(run.checkpoint.dir)
+    assert failed_at > 2  # the first two steps are finite with this seed: a checkpoint exists
+    assert checkpointing.latest_iteration(root) == 2 * ((failed_at - 1) // 2)
+    assert not list(root.glob("*.tmp"))
