@@ -73,6 +73,10 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
+    # uneven pipelines: layers on the first / last stage (the rest are split evenly), e.g. to
+    # balance the embedding and the output layer
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
 
 @dataclass

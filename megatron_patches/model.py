@@ -127,6 +127,8 @@ def transformer_config(run: RunConfig) -> TransformerConfig:
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
         sequence_parallel=parallel.sequence_parallel,
         bf16=not on_cpu,
         params_dtype=torch.float32 if on_cpu else torch.bfloat16,

@@ -57,14 +57,9 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             f"the padded vocabulary ({model.padded_vocab_size()} rows) is not divisible by "
             f"parallel.tensor_parallel={tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}"
         )
-    chunks = pp * (vp or 1)
-    if model.num_layers % chunks:
-        raise ConfigError(
-            f"model.num_layers={model.num_layers} is not divisible by pipeline_parallel × "
-            f"virtual_pipeline = {chunks}"
-        )
     if vp is not None and pp == 1:
         raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel > 1")
+    _check_stage_layers(model.num_layers, parallel)
     if data.global_batch_size % (data.micro_batch_size * dp):
         raise ConfigError(
             f"data.global_batch_size={data.global_batch_size} is not divisible by "
@@ -94,6 +89,35 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             "layers; use training.recompute='selective' with EPAS"
         )
     check_data_files(run)
+
+
+def _check_stage_layers(num_layers: int, parallel) -> None:
+    """Every pipeline stage (and virtual chunk) must get a whole number of layers."""
+    pp, vp = parallel.pipeline_parallel, parallel.virtual_pipeline or 1
+    first, last = parallel.first_stage_layers, parallel.last_stage_layers
+    if first is None and last is None:
+        if num_layers % (pp * vp):
+            raise ConfigError(
+                f"model.num_layers={num_layers} is not divisible by pipeline_parallel × "
+                f"virtual_pipeline = {pp * vp}"
+            )
+        return
+    if pp == 1:
+        raise ConfigError("parallel.first_stage_layers/last_stage_layers need parallel.pipeline_parallel > 1")
+    fixed = [n for n in (first, last) if n is not None]
+    middle_stages, middle_layers = pp - len(fixed), num_layers - sum(fixed)
+    per_stage = middle_layers // middle_stages if middle_stages else 0
+    if middle_layers < 0 or (middle_stages and middle_layers % middle_stages) or (not middle_stages and middle_layers):
+        raise ConfigError(
+            f"with first_stage_layers={first} and last_stage_layers={last}, the other "
+            f"{middle_layers} of model.num_layers={num_layers} cannot be split evenly over "
+            f"{middle_stages} middle stage(s)"
+        )
+    if any(n % vp for n in (*fixed, per_stage)):
+        raise ConfigError(
+            f"every stage's layers ({fixed + [per_stage] if middle_stages else fixed}) must be "
+            f"divisible by parallel.virtual_pipeline={vp}"
+        )
 
 
 def _training_transformer_config(run: RunConfig):

@@ -22,9 +22,10 @@ SPANNING = (2, 3, 4, 5, 7)
 GROWING = [(5, 7), (4, 5, 7)]
 
 
-def _layout_run(mode, tp=1, pp=1, vp=None):
+def _layout_run(mode, tp=1, pp=1, vp=None, first=None, last=None):
     run = tiny_run(mode, num_layers=LAYERS, tp=tp)
     run.parallel.pipeline_parallel, run.parallel.virtual_pipeline = pp, vp
+    run.parallel.first_stage_layers, run.parallel.last_stage_layers = first, last
     return run
 
 
@@ -132,6 +133,7 @@ LAYOUTS = {
     "pp4": (dict(pp=4), 4),
     "tp2_pp2": (dict(tp=2, pp=2), 4),
     "pp2_vp2": (dict(pp=2, vp=2), 2),
+    "pp4_uneven": (dict(pp=4, first=1, last=3), 4),  # stages start at layers 1, 3, 5
 }
 
 
@@ -159,6 +161,8 @@ def test_pipeline_layout_equals_single_stage(layout):
 def test_chunk_boundaries_and_packing_round_trip():
     config = transformer_config(_layout_run("qk", pp=2, vp=2))
     assert pipeline.chunk_start_layers(config) == {2, 4, 6}
+    uneven = transformer_config(_layout_run("qk", pp=4, first=1, last=3))
+    assert pipeline.chunk_start_layers(uneven) == {1, 3, 5}
     hidden = torch.randn(SEQ, MICRO_BATCH, 64)
     for mode in ("qk", "kv"):
         query_heads = 4 if mode == "qk" else 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,9 @@ def _train_worker(rank, run):
          "must divide model.num_attention_heads=6 and model.num_query_groups=2"),
         (["parallel.tensor_parallel=4"], 4, "must divide model.num_attention_heads=4 and model.num_query_groups=2"),
         (["parallel.pipeline_parallel=4"], 4, "model.num_layers=6 is not divisible by pipeline_parallel"),
+        (["parallel.pipeline_parallel=2", "parallel.first_stage_layers=7"], 2, "cannot be split evenly"),
+        (["parallel.pipeline_parallel=4", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"], 4,
+         "the other 3 of model.num_layers=6 cannot be split evenly over 2 middle stage(s)"),
         (["data.global_batch_size=6"], 2, "data.global_batch_size=6 is not divisible by"),
         (["data.mock=false", "data.paths=[/nonexistent/corpus]"], 1, "data file /nonexistent/corpus.bin not found"),
         (["parallel.tensor_parallel=2"], 3, "3 processes cannot be split"),
@@ -71,7 +75,7 @@ def _train_worker(rank, run):
 )
 def test_config_errors_are_clear(tmp_path, overrides, world, message):
     run = _run(tmp_path, "x", *overrides)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate_run(run, world)
 
 
