@@ -88,6 +88,11 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             "training.recompute='full' would drop the gradients of activations shared across "
             "layers; use training.recompute='selective' with EPAS"
         )
+    if run.checkpoint.load and not Path(run.checkpoint.load).exists():
+        raise ConfigError(
+            f"checkpoint.load={run.checkpoint.load} does not exist; give a checkpoint folder "
+            "(with 'latest' or an iter_N folder), e.g. one made by tools/convert_checkpoint.py"
+        )
     check_data_files(run)
 
 
@@ -239,7 +244,7 @@ class Trainer:
             return
         state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run)
         if resume:
-            self.iteration = state["iteration"]
+            self.iteration = self._last_saved = state["iteration"]
             self.consumed_samples = state["consumed_samples"]
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.epas.load_state_dict(state["epas_scheduler"])

@@ -206,3 +206,28 @@ def test_checkpoint_shape_and_sharing_set_errors(tmp_path):
     (message,) = run_workers(_load_into_other_shape_worker, 1, str(tmp_path / "ckpt"))
     assert "holds another model shape" in message and "model.hidden_size=64 (run: 96)" in message
     assert run_workers(_export_layer_zero_worker, 1, str(tmp_path / "ckpt"), str(tmp_path / "out")) == [2]
+
+
+def _continue_worker(rank, run):
+    distributed.initialize(run)
+    try:
+        return Trainer(run).train()
+    except ConfigError as error:
+        return str(error)
+    finally:
+        distributed.shutdown()
+
+
+def test_training_continues_from_a_converted_checkpoint(tmp_path):
+    _hf_llama(tmp_path / "hf", 2, False)
+    run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
+    shape = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+             "model.ffn_hidden_size=96", f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=128",
+             "model.norm_epsilon=1.0e-5", "epas.num_sharing_layers=2", "model.seq_length=16"]
+    common = ["data.mock=true", "data.micro_batch_size=2", "data.global_batch_size=2", "training.train_steps=2",
+              "optimizer.warmup_steps=1", "training.eval_interval=0", f"checkpoint.load={tmp_path / 'ckpt'}"]
+    refused = load_config(TINY, shape + common + [f"checkpoint.dir={tmp_path / 'a'}"])
+    assert "holds weights only" in run_workers(_continue_worker, 1, refused)[0]
+    run = load_config(TINY, shape + common + [f"checkpoint.dir={tmp_path / 'b'}", "checkpoint.load_optimizer=false"])
+    assert run_workers(_continue_worker, 1, run) == [2]
+    assert checkpointing.latest_iteration(tmp_path / "b") == 2
