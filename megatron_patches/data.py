@@ -27,15 +27,32 @@ class TokenIds:
         return {"class": "TokenIds", "source": self.source, "eod": self.eod}
 
 
+def load_tokenizer(tokenizer_dir):
+    """A Hugging Face tokenizer from a local folder; never reaches for the hub."""
+    folder = Path(tokenizer_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"tokenizer folder '{tokenizer_dir}' not found; pass a local Hugging Face "
+                          "tokenizer folder (tools/build_demo_corpus.py makes a small one)")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError(f"tokenizer folder '{tokenizer_dir}' holds no tokenizer.json or tokenizer_config.json; "
+                          "pass a folder made by the tokenizer's save_pretrained")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ConfigError(f"cannot load the tokenizer in '{tokenizer_dir}' ({first_line}); "
+                          "pass a folder made by the tokenizer's save_pretrained") from None
+
+
 def token_ids(run: RunConfig) -> TokenIds:
     """The end-of-document id: the tokenizer's EOS, or the last vocabulary id for mock data."""
     if run.data.mock:
         return TokenIds(eod=run.model.vocab_size - 1, vocab_size=run.model.vocab_size, source="mock")
     if run.data.tokenizer is None:
         raise ConfigError("data.tokenizer is required for real data (its EOS id separates documents)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run.data.tokenizer)
+    tokenizer = load_tokenizer(run.data.tokenizer)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer '{run.data.tokenizer}' has no EOS token to mark document ends")
     if len(tokenizer) > run.model.vocab_size:

@@ -333,7 +333,8 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
 
     def save(self) -> None:
-        if not self.run.checkpoint.dir:
+        """Save this iteration, unless it is saved already (an interval save, or the resumed one)."""
+        if not self.run.checkpoint.dir or self.iteration == self._last_saved:
             return
         path = checkpointing.save(
             Path(self.run.checkpoint.dir),
@@ -419,8 +420,7 @@ class Trainer:
                 self.save()
                 break
         else:
-            if self.iteration != self._last_saved:
-                self.save()
+            self.save()
         self.log.close()
         return self.iteration
 

@@ -31,7 +31,9 @@ from pathlib import Path
 if not __package__:  # run as a script: make the repository root importable, for `tools`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.preprocess_data import InputError, load_tokenizer, preprocess  # noqa: E402
+from megatron_patches.config import ConfigError  # noqa: E402
+from megatron_patches.data import load_tokenizer  # noqa: E402
+from tools.preprocess_data import InputError, preprocess  # noqa: E402
 
 # Pure-Python stdlib modules with plenty of prose in their docstrings.
 DOCSTRING_MODULES = (
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         info, built = build_demo_corpus(args.output_dir, args.vocab_size, args.rebuild)
-    except InputError as error:
+    except ConfigError as error:  # bad input, or a tokenizer that cannot be loaded
         print(f"error: {error}", file=sys.stderr)
         return 2
     state = "built" if built else "is already built, nothing to do (--rebuild builds it again)"

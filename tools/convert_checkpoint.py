@@ -25,6 +25,7 @@ import yaml
 
 from megatron_patches import checkpointing, distributed
 from megatron_patches.config import ConfigError, ParallelConfig, RunConfig, from_dict, to_dict
+from megatron_patches.data import load_tokenizer
 from megatron_patches.hf_conversion import (
     hf_config_from_model,
     hf_to_megatron,
@@ -48,9 +49,7 @@ def _single_process(run: RunConfig) -> RunConfig:
 
 
 def _load_tokenizer(folder: Path, vocab_size: int):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
     if len(tokenizer) > vocab_size:
         raise ConfigError(
             f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's vocabulary has "

@@ -29,11 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_patches.config import ConfigError
+from megatron_patches.data import load_tokenizer
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIX = ".parquet"
 
 
-class InputError(Exception):
+class InputError(ConfigError):
     """A problem with the user's inputs or options; the CLI prints it as one line and exits 2."""
 
 
@@ -92,24 +95,6 @@ def expand_inputs(patterns: Iterable[str | os.PathLike]) -> list[Path]:
                                  "use .jsonl (or .json) for JSON lines, .parquet for parquet")
             paths.append(match)
     return paths
-
-
-def load_tokenizer(tokenizer_dir: str | os.PathLike):
-    """A Hugging Face tokenizer from a local folder; never reaches for the hub."""
-    if not Path(tokenizer_dir).is_dir():
-        raise InputError(f"tokenizer folder '{tokenizer_dir}' not found; pass a local Hugging Face "
-                         "tokenizer folder (tools/build_demo_corpus.py makes a small one)")
-    if not any((Path(tokenizer_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise InputError(f"tokenizer folder '{tokenizer_dir}' holds no tokenizer.json or tokenizer_config.json; "
-                         "pass a folder made by the tokenizer's save_pretrained")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise InputError(f"cannot load the tokenizer in '{tokenizer_dir}' ({first_line}); "
-                         "pass a folder made by the tokenizer's save_pretrained") from None
 
 
 def read_chunks(path: Path, text_key: str, chunk_size: int) -> Iterator[Chunk]:
@@ -306,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
                              append_eod=args.append_eod, workers=args.workers,
                              chunk_size=args.chunk_size, overwrite=args.overwrite)
-    except InputError as error:
+    except ConfigError as error:  # InputError, or a tokenizer folder that cannot be loaded
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
