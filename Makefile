@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-gpu test-slurm bench-cpu
+.PHONY: setup demo demo-finetune test test-gpu test-slurm bench-cpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ demo:
 	$(BIN)/python tools/build_demo_corpus.py --output-dir data/demo
 	$(BIN)/python pretrain_epas.py --config configs/tiny_cpu.yaml
 	$(BIN)/python tools/plot_runs.py runs/tiny_cpu --output runs/tiny_cpu/plots --smooth 0.6
+
+# The Hugging Face path after `make demo`: export the demo model, continue its training with the
+# Trainer on two processes with DeepSpeed ZeRO-2 while the region grows again, then plot the run.
+demo-finetune:
+	test -d exports/tiny_cpu || $(BIN)/python tools/convert_checkpoint.py megatron-to-hf \
+		--input checkpoints/tiny_cpu --output exports/tiny_cpu
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 finetune_epas.py \
+		--config configs/finetune/tiny_cpu.yaml training.deepspeed=configs/deepspeed/zero2.json
+	$(BIN)/python tools/plot_runs.py runs/finetune_tiny_cpu --output runs/finetune_tiny_cpu/plots
 
 test:
 	$(BIN)/python -m pytest -q

@@ -12,10 +12,8 @@ import argparse
 import os
 import sys
 
-import yaml
-
 from megatron_patches import distributed
-from megatron_patches.config import ConfigError, load_config, to_dict
+from megatron_patches.config import ConfigError, load_for_entry_point
 from megatron_patches.training import NonFiniteLossError, pretrain, validate_run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_cpu.yaml")
@@ -26,16 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=100")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    try:
-        run = load_config(args.config, args.overrides)
-        validate_run(run, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as error:
-        if is_rank0:
-            print(f"config error: {error}", file=sys.stderr)
+    run = load_for_entry_point(args.config, args.overrides, validate_run)
+    if run is None:
         return 2
-    if is_rank0:
-        print(f"config {args.config}, resolved:\n{yaml.safe_dump(to_dict(run), sort_keys=False)}", flush=True)
     distributed.initialize(run)
     try:
         pretrain(run)

@@ -424,7 +424,8 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (for the last `logits_to_keep` positions, 0 = all), and the next-token loss if `labels` are given
-        (-100 = ignored)."""
+        (-100 = ignored; with the Trainer's `num_items_in_batch` the loss is normalized over the whole accumulated
+        batch, as for LlamaForCausalLM)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -438,7 +439,5 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, kept])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)

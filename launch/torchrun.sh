@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch pretrain_epas.py under torchrun, on one node or as one node of a multi-node run.
+# Launch pretrain_epas.py (or finetune_epas.py) under torchrun, on one node or as one node of a
+# multi-node run.
 #
 # Run this once per node; the nodes find each other through a c10d rendezvous hosted on
 # MASTER_ADDR. Under SLURM, launch/slurm/epas.sbatch runs it on every node for you.
@@ -22,7 +23,8 @@ Launcher options (each may instead come from the environment variable in bracket
   --node-rank R        this node's rank, 0..NNODES-1 (static only)  [NODE_RANK, default 0]
   -h, --help           show this help
 
-Everything else (--config and section.key=value overrides) goes to pretrain_epas.py.
+Everything else (--config and section.key=value overrides) goes to the entry point, EPAS_ENTRY:
+pretrain_epas.py (default, Megatron-core) or finetune_epas.py (Hugging Face Trainer, DeepSpeed).
 Environment: PYTHON (default python3) is the interpreter that runs torchrun;
 EPAS_SHUTDOWN_TIMEOUT (default 300) is how long torchrun waits after SIGTERM before SIGKILL
 (where torchrun has --shutdown-timeout, as in torch 2.13; older versions wait 30 s).
@@ -54,6 +56,11 @@ RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-epas}}
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 PYTHON=${PYTHON:-python3}
 EPAS_SHUTDOWN_TIMEOUT=${EPAS_SHUTDOWN_TIMEOUT:-300}
+EPAS_ENTRY=${EPAS_ENTRY:-pretrain_epas.py}
+case $EPAS_ENTRY in
+    pretrain_epas.py | finetune_epas.py) ;;
+    *) die "EPAS_ENTRY must be pretrain_epas.py or finetune_epas.py, got '$EPAS_ENTRY'" ;;
+esac
 
 train_args=()
 while (($#)); do
@@ -120,7 +127,7 @@ torchrun_help=$("${torchrun[@]}" --help 2>/dev/null) || die "cannot run torchrun
 if [[ $torchrun_help == *--shutdown-timeout* ]]; then
     cmd+=(--shutdown-timeout "$EPAS_SHUTDOWN_TIMEOUT")
 fi
-cmd+=("$repo_root/pretrain_epas.py" "${train_args[@]}")
+cmd+=("$repo_root/$EPAS_ENTRY" "${train_args[@]}")
 
 echo "launch/torchrun.sh on $(hostname): ${cmd[*]}" >&2
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,6 +172,62 @@ class RunConfig:
     seed: int = 1234
 
 
+@dataclass
+class FinetuneDataConfig:
+    """Data for finetune_epas.py (the Hugging Face Trainer path).
+
+    Formats: ``indexed`` (PREFIX.bin/.idx from tools/preprocess_data.py, read by megatron-core's
+    GPTDataset as in pretraining), ``text`` (jsonl documents, tokenized and packed), ``chat`` (jsonl
+    conversations rendered with the tokenizer's chat template, loss on assistant turns only) and
+    ``instruction`` (jsonl prompt/response pairs, loss on the response only).
+    """
+
+    format: str = "indexed"
+    paths: list[str] | None = None  # indexed: prefixes; others: jsonl files
+    weights: list[float] | None = None  # indexed: blend weights, one per path
+    split: str = "98,2,0"  # indexed: train,valid,test proportions
+    valid_paths: list[str] | None = None  # text, chat, instruction: validation jsonl files
+    tokenizer: str | None = None  # Hugging Face tokenizer folder (default: the model folder)
+    text_key: str = "text"
+    messages_key: str = "messages"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    seq_length: int = 512  # tokens per sample (longer conversations are truncated)
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    cache_dir: str | None = None  # indexed: where megatron-core caches dataset indices
+
+
+@dataclass
+class FinetuneTrainingConfig:
+    train_steps: int = 100
+    log_interval: int = 10
+    eval_interval: int | None = None
+    eval_samples: int = 64  # indexed: validation samples drawn from the split
+    save_interval: int | None = None
+    save_total_limit: int | None = None  # keep only the newest N Trainer checkpoints
+    exit_interval: int | None = None  # save and stop at the first step divisible by this
+    output_dir: str | None = None  # Trainer checkpoints (checkpoint-N) and the final EPAS folder (model/)
+    deepspeed: str | None = None  # a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
+    bf16: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    """A run of finetune_epas.py: a Hugging Face model trained with the Trainer and the EPAS schedule."""
+
+    model: str | None = None  # Hugging Face folder to start from: a plain LLaMA or an EPAS export
+    epas: EPASConfig = field(default_factory=EPASConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 1234
+
+
+_YAML11_FLOAT_MISS = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
@@ -198,6 +257,8 @@ def _coerce(value, hint, where: str):
         return from_dict(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_FLOAT_MISS.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads 3e-4 (no dot) as a string
     if hint in (int, float, bool, str) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
@@ -265,13 +326,32 @@ def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_preset(path.parent / base, seen + (path.resolve(),)), data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load a YAML preset (or the defaults when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=RunConfig):
+    """Load a YAML preset (or the defaults when ``path`` is None) into ``schema`` and apply overrides."""
     data = _read_preset(Path(path)) if path is not None else {}
-    config = from_dict(RunConfig, data)
+    config = from_dict(schema, data)
     for override in overrides:
         apply_override(config, override)
-    config.model.validate()
+    if isinstance(config, RunConfig):
+        config.model.validate()
+    return config
+
+
+def load_for_entry_point(path, overrides, validate, schema=RunConfig):
+    """An entry point's config: loaded, checked by ``validate(config, world_size)`` and printed on rank 0.
+
+    Returns None after printing the error (on rank 0 only, so torchrun shows it once).
+    """
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        config = load_config(path, overrides, schema)
+        validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as error:
+        if is_rank0:
+            print(f"config error: {error}", file=sys.stderr)
+        return None
+    if is_rank0:
+        print(f"config {path}, resolved:\n{yaml.safe_dump(to_dict(config), sort_keys=False)}", flush=True)
     return config
 
 

@@ -38,6 +38,8 @@ def load_tokenizer(tokenizer_dir):
                           "pass a folder made by the tokenizer's save_pretrained")
     from transformers import AutoTokenizer
 
+    import epas_hf  # noqa: F401  (registers epas_llama: an export's config.json must not prompt for remote code)
+
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as error:
@@ -65,26 +67,27 @@ def token_ids(run: RunConfig) -> TokenIds:
 
 def check_data_files(run: RunConfig) -> None:
     """Fail before start-up if a dataset prefix lacks its .bin or .idx file."""
-    data = run.data
-    if data.mock:
-        return
-    if not data.paths:
+    if not run.data.mock:
+        check_indexed_files(run.data.paths, run.data.weights, run.data.split)
+
+
+def check_indexed_files(paths, weights, split: str) -> None:
+    """Every prefix has its .bin and .idx, the weights match the paths and every split gets documents."""
+    if not paths:
         raise ConfigError("data.paths is empty; give dataset prefixes or set data.mock=true")
-    if data.weights is not None and len(data.weights) != len(data.paths):
-        raise ConfigError(
-            f"data.weights has {len(data.weights)} entries for {len(data.paths)} data.paths"
-        )
-    for prefix in data.paths:
+    if weights is not None and len(weights) != len(paths):
+        raise ConfigError(f"data.weights has {len(weights)} entries for {len(paths)} data.paths")
+    for prefix in paths:
         missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
         if missing:
             raise ConfigError(
                 f"data file {prefix}{missing[0]} not found; make it with tools/preprocess_data.py "
                 "(data.paths takes prefixes, without .bin/.idx)"
             )
-    check_splits(run)
+    check_splits(paths, split)
 
 
-def check_splits(run: RunConfig) -> None:
+def check_splits(paths, split: str) -> None:
     """Refuse a ``data.split`` share that holds no document of some dataset.
 
     megatron-core 0.16 loops forever building a split with no documents, so a small corpus
@@ -96,13 +99,13 @@ def check_splits(run: RunConfig) -> None:
     )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(run.data.split))
-    for prefix in run.data.paths or ():
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in paths or ():
         documents = len(IndexedDataset(prefix, mmap=True))
         for name, bounds in zip(("train", "valid", "test"), matrix):
             if bounds and round(bounds[0] * documents) == round(bounds[1] * documents):
                 raise ConfigError(
-                    f"data.split={run.data.split!r} leaves the {name} split of {prefix} without a "
+                    f"data.split={split!r} leaves the {name} split of {prefix} without a "
                     f"document (it has {documents}); give that split a larger share or 0 "
                     "(e.g. data.split=98,2,0)"
                 )
@@ -111,23 +114,32 @@ def check_splits(run: RunConfig) -> None:
 def build_datasets(run: RunConfig, num_valid_samples: int):
     """Train and valid datasets (``GPTDataset`` or mock) sized for the whole run."""
     data = run.data
+    sizes = [run.training.train_steps * data.global_batch_size, num_valid_samples]
+    return gpt_datasets(None if data.mock else (data.paths, data.weights), data.split, run.model.seq_length,
+                        run.seed, token_ids(run), data.cache_dir, sizes)
+
+
+def gpt_datasets(blend, split: str, seq_length: int, seed: int, tokens: TokenIds, cache_dir, sizes):
+    """megatron-core's train and valid GPT datasets of ``sizes`` samples (mock tokens when ``blend`` is None).
+
+    Each sample holds ``seq_length`` tokens and the ``seq_length`` next tokens as labels.
+    """
     config = GPTDatasetConfig(
-        random_seed=run.seed,
-        sequence_length=run.model.seq_length,
-        blend=None if data.mock else (data.paths, data.weights),
-        split=data.split,
-        tokenizer=token_ids(run),
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        tokenizer=tokens,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=data.cache_dir,
+        path_to_cache=cache_dir,
         mmap_bin_files=True,
     )
-    sizes = [run.training.train_steps * data.global_batch_size, num_valid_samples, 0]
-    dataset_class = MockGPTDataset if data.mock else GPTDataset
+    dataset_class = MockGPTDataset if blend is None else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        dataset_class, sizes, lambda: True, config
+        dataset_class, [*sizes, 0], lambda: True, config
     ).build()
     return train, valid
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_patches.config import ConfigError, load_config, to_dict
+from megatron_patches.config import ConfigError, FinetuneConfig, load_config, to_dict
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+FINETUNE_CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs", "finetune").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -16,6 +17,12 @@ def test_every_preset_loads(path):
     run = load_config(path)
     assert run.model.num_layers > 0
     assert to_dict(run)["model"]["hidden_size"] == run.model.hidden_size
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_every_finetune_preset_loads(path):
+    config = load_config(path, schema=FinetuneConfig)
+    assert config.model and config.data.paths and config.training.output_dir
 
 
 def test_overrides_are_typed():
@@ -53,3 +60,10 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist; presets live in configs/"):
         load_config("configs/nope.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    run = load_config(None, ["optimizer.lr=3e-4", "optimizer.min_lr=1E-5"])
+    assert run.optimizer.lr == 3e-4 and run.optimizer.min_lr == 1e-5
+    with pytest.raises(ConfigError, match="optimizer.lr must be float"):
+        load_config(None, ["optimizer.lr=fast"])

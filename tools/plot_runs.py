@@ -22,6 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 LOSS, VALID, SHARING = "train/loss", "valid/loss", "epas/num_sharing_layers"
 TOKENS, TFLOPS = "train/tokens_per_s", "train/tflops_per_gpu"
 COLOURS = [f"C{i}" for i in range(10)]
+# the Hugging Face Trainer's names for the same series (finetune_epas.py runs)
+TRAINER_TAGS = {"eval/loss": VALID, "train/epas/num_sharing_layers": SHARING}
 
 Series = tuple[list[int], list[float]]
 
@@ -34,7 +36,8 @@ def read_scalars(run_dir: Path) -> dict[str, Series]:
     """Every scalar tag of a run as (steps, values), from all its event files.
 
     A resumed run logs the steps after its checkpoint again, in a newer event file; the latest
-    write of a step wins, so the curve is the one the resumed training actually followed.
+    write of a step wins, so the curve is the one the resumed training actually followed. The
+    Trainer's tags (finetune_epas.py) are read under pretrain_epas.py's names.
     """
     if not run_dir.is_dir():
         raise PlotError(f"run directory {run_dir} does not exist")
@@ -46,7 +49,7 @@ def read_scalars(run_dir: Path) -> dict[str, Series]:
         accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            events.setdefault(tag, []).extend(accumulator.Scalars(tag))
+            events.setdefault(TRAINER_TAGS.get(tag, tag), []).extend(accumulator.Scalars(tag))
     scalars = {}
     for tag, tag_events in events.items():
         by_step = {e.step: e.value for e in sorted(tag_events, key=lambda e: e.wall_time)}

@@ -129,6 +129,20 @@ def _parquet_chunks(path: Path, text_key: str, chunk_size: int) -> Iterator[Chun
         yield Chunk(str(path), 0, batch.column(0).to_pylist(), is_jsonl=False)
 
 
+def json_object(line: bytes | str, where: str) -> dict:
+    """One jsonl line as a JSON object; ``where`` (file:line) leads the error message."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: not valid JSON ({error.msg}); each line must hold one JSON object") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: a JSON {type(record).__name__}, not an object; "
+                         "each line must hold one JSON object")
+    return record
+
+
 class ChunkEncoder:
     """Turns a chunk into tokens: parses JSON (in the worker, where it runs in parallel), tokenizes,
     appends EOS and drops empty documents."""
@@ -157,16 +171,7 @@ class ChunkEncoder:
             if not line.strip():
                 continue  # a blank line is no document
             where = f"{chunk.source}:{line_number}"
-            try:
-                record = json.loads(line)
-            except UnicodeDecodeError:
-                raise InputError(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
-            except json.JSONDecodeError as error:
-                raise InputError(f"{where}: not valid JSON ({error.msg}); "
-                                 "each line must hold one JSON object") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: a JSON {type(record).__name__}, not an object; "
-                                 "each line must hold one JSON object")
+            record = json_object(line, where)
             if self.text_key not in record:
                 raise InputError(f"{where}: no key '{self.text_key}' (keys: {', '.join(record)}); "
                                  "name the text field with --json-key")

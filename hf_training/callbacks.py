@@ -1,0 +1,96 @@
+"""Trainer callbacks: the EPAS schedule, and saving and stopping as pretrain_epas.py does.
+
+The Trainer's ``global_step`` counts completed optimizer steps, which is exactly what
+megatron_patches.scheduler.SharingScheduler takes, so the region grows at the same steps as in
+pretrain_epas.py and a resumed run continues the schedule from its checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from megatron_patches.scheduler import SharingScheduler
+
+SCHEDULE_FILE = "epas_schedule.json"
+
+
+class EpasScheduleCallback(TrainerCallback):
+    """Sets the model's sharing set before every optimizer step, logs its size and saves the schedule."""
+
+    def __init__(self, model, scheduler: SharingScheduler):
+        self.model, self.scheduler = model, scheduler
+
+    def _apply(self, completed_steps: int) -> None:
+        self.scheduler.completed_steps = completed_steps
+        layers = list(self.scheduler.current)
+        if layers != self.model.config.sharing_layers:
+            self.model.set_sharing_layers(layers)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # the step is complete: what the next one (and a checkpoint taken now) trains with
+        self._apply(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            # the set the logged steps trained with (the step's own set, before a growth at its end); the
+            # Trainer has already stored these logs in its history (trainer_state.json), so they get it too
+            size = len(self.scheduler.sharing_layers_at(state.global_step - 1))
+            logs["epas/num_sharing_layers"] = size
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["epas/num_sharing_layers"] = size
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (folder / SCHEDULE_FILE).write_text(json.dumps(self.scheduler.state_dict(), indent=2) + "\n")
+
+
+class SaveAndStopCallback(TrainerCallback):
+    """Saves the last step, and saves and stops on SIGTERM/SIGUSR1 (SLURM's pre-emption and time-limit
+    warnings) or at a step divisible by ``exit_interval``; all ranks agree on the step to stop after."""
+
+    def __init__(self, exit_interval: int | None = None):
+        self.exit_interval = exit_interval
+        self.stop_signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame):
+        self.stop_signal = signum
+
+    def _signalled_anywhere(self, device) -> bool:
+        flag = torch.tensor([self.stop_signal is not None], dtype=torch.int32, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True  # a finished run is resumable (to more steps) like any other
+        reason = None
+        if self._signalled_anywhere(args.device):
+            reason = "received a stop signal"
+        elif self.exit_interval and state.global_step % self.exit_interval == 0:
+            reason = f"training.exit_interval={self.exit_interval} reached"
+        if reason and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(f"{reason}: saving at step {state.global_step} and stopping", flush=True)
+
+
+def check_resumed_schedule(checkpoint: str | Path, scheduler: SharingScheduler) -> None:
+    """Refuse to resume a Trainer checkpoint saved with other EPAS settings (ConfigError names the fix)."""
+    scheduler.load_state_dict(json.loads((Path(checkpoint) / SCHEDULE_FILE).read_text()))
