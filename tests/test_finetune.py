@@ -153,10 +153,9 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(workspace, zero
         assert resumed[step]["loss"] == pytest.approx(zero2_run[step]["loss"], rel=1e-4), step
 
 
-def test_stop_signal_saves_and_an_incomplete_checkpoint_is_passed_over(workspace):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "finetune_epas.py", *_arguments(workspace, "signalled")], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _stop_at_first_loss(command: list[str], env: dict) -> tuple[int, str]:
+    """Start a run, send it SIGUSR1 when it logs its first loss; it must exit 0. Returns the step it saved at."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -166,7 +165,15 @@ def test_stop_signal_saves_and_an_incomplete_checkpoint_is_passed_over(workspace
     output = "".join(lines) + process.stdout.read()
     assert process.wait(timeout=TIMEOUT) == 0, output[-4000:]
     stopped = int(output.split("received a stop signal: saving at step ")[1].split()[0])
-    assert 1 <= stopped < STEPS and f"stopped at step {stopped}" in output
+    assert 1 <= stopped < STEPS
+    return stopped, output
+
+
+def test_stop_signal_saves_and_an_incomplete_checkpoint_is_passed_over(workspace):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    stopped, output = _stop_at_first_loss([sys.executable, "finetune_epas.py", *_arguments(workspace, "signalled")],
+                                          env)
+    assert f"stopped at step {stopped}" in output
     assert (workspace / "signalled" / f"checkpoint-{stopped}" / "epas_schedule.json").is_file()
     assert not (workspace / "signalled" / "model").exists()
 
@@ -182,19 +189,8 @@ def test_launcher_runs_the_trainer_path_and_forwards_sigusr1(workspace):
     """launch/torchrun.sh (and so the SLURM scripts) with EPAS_ENTRY=finetune_epas.py: SLURM's time-limit
     warning to the launcher makes both processes save the same step and the job exit 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EPAS_ENTRY": "finetune_epas.py", "PYTHON": sys.executable}
-    process = subprocess.Popen(["bash", "launch/torchrun.sh", "--nproc-per-node", "2",
-                                *_arguments(workspace, "launched")], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "'loss'" in line:
-            process.send_signal(signal.SIGUSR1)
-            break
-    output = "".join(lines) + process.stdout.read()
-    assert process.wait(timeout=TIMEOUT) == 0, output[-4000:]
-    stopped = int(output.split("received a stop signal: saving at step ")[1].split()[0])
-    assert 1 <= stopped < STEPS
+    stopped, _ = _stop_at_first_loss(["bash", "launch/torchrun.sh", "--nproc-per-node", "2",
+                                      *_arguments(workspace, "launched")], env)
     assert (workspace / "launched" / f"checkpoint-{stopped}" / "epas_schedule.json").is_file()
 
 
