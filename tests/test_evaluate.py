@@ -189,6 +189,30 @@ def test_perplexity_alone_needs_no_task(setup, tmp_path):
     assert [row[0] for row in table_cells((output / "table.md").read_text())[1:]] == ["validation perplexity"]
 
 
+def test_a_plain_llama_folder_runs_with_inference_time_sharing(setup, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plain = tmp_path / "llama"
+    config = {key: value for key, value in setup.model.config.to_dict().items()
+              if key not in ("sharing_layers", "sharing_mode", "trained_sharing_layers", "model_type", "auto_map")}
+    llama = LlamaForCausalLM(LlamaConfig(**config))
+    llama.load_state_dict(setup.model.state_dict())  # the export's weights as a plain LLaMA
+    llama.save_pretrained(plain)
+    setup.tokenizer.save_pretrained(plain)
+    assert json.loads((plain / "config.json").read_text())["model_type"] == "llama"
+    output = tmp_path / "out"
+    arguments = [str(plain), "--sharing-lengths", "0,2", "--valid-data", str(setup.valid), "--seq-length", "8",
+                 "--output", str(output)]
+    assert main(arguments) == 2  # no trained region: lengths above 0 need --allow-untrained
+    assert main([*arguments, "--allow-untrained"]) == 0
+    runs = json.loads((output / "results.json").read_text())["runs"]
+    assert [run["sharing_layers"] for run in runs] == [[], [config["num_hidden_layers"] - 2,
+                                                            config["num_hidden_layers"] - 1]]
+    setup.model.set_sharing_layers(runs[1]["sharing_layers"])
+    assert runs[1]["validation"]["perplexity"] == pytest.approx(direct_perplexity(setup.model, setup.tokenizer, 8),
+                                                               rel=1e-5)
+
+
 def test_task_rows_show_the_preferred_metric():
     multiple_choice = {"alias": "piqa", "acc,none": 0.7, "acc_stderr,none": 0.01, "acc_norm,none": 0.72,
                        "acc_norm_stderr,none": 0.02}
@@ -250,14 +274,14 @@ def test_sharing_lengths_count_from_the_deep_end_of_the_trained_region():
 
 
 def _not_epas_folder(setup, tmp_path) -> str:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     return str(tmp_path)
 
 
 @pytest.mark.parametrize("make_args, message", [
     (lambda s, t: [str(t / "missing"), "--sharing-lengths", "0", "--valid-data", str(s.valid)], "does not exist"),
     (lambda s, t: [_not_epas_folder(s, t), "--sharing-lengths", "0", "--valid-data", str(s.valid)],
-     "not an EPAS export"),
+     "neither an EPAS export"),
     (lambda s, t: [str(s.folder), "--sharing-lengths", "0,4", "--valid-data", str(s.valid)],
      r"lengths \[4\] exceed the trained region"),
     (lambda s, t: [str(s.folder), "--sharing-lengths", "0", "--valid-data", str(t / "nodata")],

@@ -4,7 +4,8 @@
     python tools/evaluate.py MODEL_DIR --sharing-lengths 0,1,2 --tasks my_task --include-path my_tasks/ \\
         --valid-data data/demo/corpus --seq-length 512 --output evaluation/demo
 
-MODEL_DIR is a folder from ``tools/convert_checkpoint.py megatron-to-hf``. Sharing length L is
+MODEL_DIR is a folder from ``tools/convert_checkpoint.py megatron-to-hf`` or finetune_epas.py (a
+plain LLaMA folder works with ``--allow-untrained``). Sharing length L is
 the L deepest layers of the region the model was trained to share (``trained_sharing_layers``
 in its config.json): with region 17..21, L=3 shares layers 19, 20, 21 and L=0 shares none.
 ``--allow-untrained`` counts over all layers but layer 0 instead (the paper's inference-time
@@ -87,7 +88,7 @@ def describe_layers(layers: list[int]) -> str:
 
 
 def read_model_config(folder: Path) -> dict:
-    """config.json of an EPAS export; refuses anything else, since only EPAS can switch sharing sets."""
+    """config.json of an EPAS export or a plain LLaMA (which has no trained region: --allow-untrained)."""
     if not folder.is_dir():
         raise EvaluationError(f"model folder {folder} does not exist; pass a folder written by "
                               "tools/convert_checkpoint.py megatron-to-hf")
@@ -96,11 +97,10 @@ def read_model_config(folder: Path) -> dict:
         raise EvaluationError(f"{folder} has no config.json: it is not a Hugging Face model folder; pass a "
                               "folder written by tools/convert_checkpoint.py megatron-to-hf")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") != "epas_llama":
-        raise EvaluationError(f"{folder} holds a {config.get('model_type')!r} model, not an EPAS export "
-                              "(model_type 'epas_llama'); for inference-time sharing on a plain LLaMA, convert it "
-                              "with tools/convert_checkpoint.py hf-to-megatron then megatron-to-hf, and pass "
-                              "--allow-untrained")
+    if config.get("model_type") not in ("epas_llama", "llama"):
+        raise EvaluationError(f"{folder} holds a {config.get('model_type')!r} model, neither an EPAS export "
+                              "(model_type 'epas_llama') nor a plain LLaMA; pass a folder written by "
+                              "tools/convert_checkpoint.py megatron-to-hf")
     return config
 
 
