@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -301,6 +302,7 @@ class EpasLlamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EpasLlamaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
     # checkpoints from old transformers versions saved RoPE's inverse frequencies; they are recomputed here
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
@@ -324,6 +326,7 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = EpasRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = EpasRotaryEmbedding(config)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable(): recompute layers in backward
         # from_pretrained applies keyword overrides (e.g. sharing_layers=...) after the config is built: check them
         self.set_sharing_layers(config.sharing_layers)
         self.post_init()
@@ -376,12 +379,17 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
         mask, is_causal = _attention_mask(attention_mask, length, past_length, hidden_states.device)
 
         sharing, mode = set(self.config.sharing_layers), self.config.sharing_mode
+        recompute = self.gradient_checkpointing and self.training
         source = None
         for index, layer in enumerate(self.layers):
             is_sharing = index in sharing
-            hidden_states, produced = layer(
-                hidden_states, rope, mask, is_causal, cache, source if is_sharing else None, mode
-            )
+            inputs = (hidden_states, rope, mask, is_causal, cache, source if is_sharing else None, mode)
+            if recompute:
+                # non-reentrant whatever the caller asked: only it carries gradients through the shared
+                # tensors, which travel between layers inside a NamedTuple
+                hidden_states, produced = checkpoint(layer, *inputs, use_reentrant=False)
+            else:
+                hidden_states, produced = layer(*inputs)
             if not is_sharing:
                 source = produced
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)

@@ -121,6 +121,8 @@ def training_arguments(config: FinetuneConfig, world_size: int, has_validation: 
         save_total_limit=training.save_total_limit,
         deepspeed=training.deepspeed,
         bf16=training.bf16,
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not torch.cuda.is_available(),
         seed=config.seed,
         dataloader_drop_last=True,

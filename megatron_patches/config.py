@@ -210,6 +210,7 @@ class FinetuneTrainingConfig:
     output_dir: str | None = None  # Trainer checkpoints (checkpoint-N) and the final EPAS folder (model/)
     deepspeed: str | None = None  # a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less activation memory
 
 
 @dataclass

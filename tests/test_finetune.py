@@ -281,6 +281,7 @@ def test_instruction_loss_covers_the_response_and_eos_and_truncates(workspace, t
 
 
 def test_sft_from_an_epas_export_learns_the_responses(workspace, tmp_path, zero3_run):
+    """Also with gradient checkpointing (tests/test_hf_model.py checks its gradients)."""
     records = [{"messages": [{"role": "user", "content": _counting_text(s, 4)},
                              {"role": "assistant", "content": _counting_text(s + 4, 6)}]} for s in range(0, 160, 5)]
     path = _write_jsonl(tmp_path / "chat.jsonl", records)
@@ -288,7 +289,8 @@ def test_sft_from_an_epas_export_learns_the_responses(workspace, tmp_path, zero3
     _tokenizer(workspace).save_pretrained(tokenizer_dir)
     _, output = _finetune(
         workspace, "sft", "data.format=chat", f"data.paths=[{path}]", f"data.tokenizer={tokenizer_dir}",
-        f"model={workspace / 'zero3' / 'model'}", "training.train_steps=20", "epas.interval=4", processes=1,
+        f"model={workspace / 'zero3' / 'model'}", "training.train_steps=20", "epas.interval=4",
+        "training.gradient_checkpointing=true", processes=1,
     )
     history = _history(workspace, "sft")
     losses = [history[step]["loss"] for step in range(1, 21)]

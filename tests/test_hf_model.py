@@ -184,6 +184,27 @@ def test_sharing_equals_reference(mode, groups, sharing):
         assert count == (1 if layer not in sharing or name in computed else 0), (layer, name)
 
 
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode):
+    """Recomputed layers must still send the sharing layers' gradients back into the source layer's Q/K (or K/V)."""
+    model = epas_model(2, [2, 3], mode).train()
+    ids = tokens(2, 12)
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+    expected = gradients()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # overridden
+    assert model.model.gradient_checkpointing
+    recomputed = gradients()
+    source = "model.layers.1.self_attn." + ("k_proj.weight" if mode == "qk" else "v_proj.weight")
+    assert expected[source].abs().sum() > 0 and recomputed.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert torch.allclose(recomputed[name], grad, rtol=1e-5, atol=1e-7), name
+
+
 # ---- 3. generate() with the cache == without it --------------------------------------------------------------
 
 SHARING_CASES = [([], "qk"), ([2, 3], "qk"), ([2, 3], "kv"), ([1, 3], "qk"), ([1, 3], "kv")]
