@@ -67,14 +67,17 @@ def token_ids(run: RunConfig) -> TokenIds:
 
 def check_data_files(run: RunConfig) -> None:
     """Fail before start-up if a dataset prefix lacks its .bin or .idx file."""
-    if not run.data.mock:
-        check_indexed_files(run.data.paths, run.data.weights, run.data.split)
+    if run.data.mock:
+        return
+    if not run.data.paths:
+        raise ConfigError("data.paths is empty; give dataset prefixes or set data.mock=true")
+    check_indexed_files(run.data.paths, run.data.weights, run.data.split)
 
 
 def check_indexed_files(paths, weights, split: str) -> None:
     """Every prefix has its .bin and .idx, the weights match the paths and every split gets documents."""
     if not paths:
-        raise ConfigError("data.paths is empty; give dataset prefixes or set data.mock=true")
+        raise ConfigError("data.paths is empty; give dataset prefixes (PREFIX.bin/.idx from tools/preprocess_data.py)")
     if weights is not None and len(weights) != len(paths):
         raise ConfigError(f"data.weights has {len(weights)} entries for {len(paths)} data.paths")
     for prefix in paths:
