@@ -22,12 +22,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from epas_hf import EpasLlamaForCausalLM, write_model_files
 from megatron_patches.config import ConfigError, FinetuneConfig
 from megatron_patches.data import load_tokenizer
+from megatron_patches.hf_conversion import SUPPORTED_MODEL_TYPES
 from megatron_patches.scheduler import SharingScheduler
 
 from .callbacks import SCHEDULE_FILE, EpasScheduleCallback, SaveAndStopCallback, check_resumed_schedule
 from .data import PadToLongest, build_datasets, check_files
 
-MODEL_TYPES = ("llama", "epas_llama")
 FINAL_FOLDER = "model"
 # optimizer.decay_style -> the Trainer's lr_scheduler_type; the Trainer has no linear decay to a minimum
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr",
@@ -40,9 +40,9 @@ def _model_config(folder) -> dict:
         raise ConfigError(f"model folder '{folder}' has no config.json; give a Hugging Face LLaMA folder or an EPAS "
                           "export (tools/convert_checkpoint.py megatron-to-hf)")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") not in MODEL_TYPES:
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model folder '{folder}' holds a {config.get('model_type')!r} model; EPAS trains "
-                          f"{' or '.join(MODEL_TYPES)} models")
+                          f"{' or '.join(SUPPORTED_MODEL_TYPES)} models")
     return config
 
 

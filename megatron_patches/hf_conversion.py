@@ -17,6 +17,15 @@ from megatron_patches.config import ConfigError, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "EpasLlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
+# --dtype choices of the tools that write or run Hugging Face models
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """Where and in what precision to run a Hugging Face model: as asked, else cuda with bfloat16 where
+    there is a GPU and the CPU with float32 where there is none."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[dtype or ("bfloat16" if device == "cuda" else "float32")]
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:

@@ -46,7 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 from megatron_patches import distributed
 from megatron_patches.config import ConfigError, RunConfig, load_config
 from megatron_patches.flops import deepest_layers, mfu, training_flops_per_token
-from megatron_patches.hf_conversion import hf_config_from_model
+from megatron_patches.hf_conversion import DTYPES, device_and_dtype, hf_config_from_model
 from megatron_patches.model import build_model, transformer_config
 from megatron_patches.scheduler import resolve_target_layers
 
@@ -57,7 +57,6 @@ SINGLE_DEVICE = [
     "parallel.virtual_pipeline=null",
     "parallel.sequence_parallel=false",
 ]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- shared by both benchmarks ------------------------------------------------------------------
@@ -391,8 +390,7 @@ def _check_trained(config, fractions: list[float], allow_untrained: bool) -> Non
 
 
 def generate_benchmark(args, argv: list[str]) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     model, label = _load_model(args, dtype, device)
     model.eval()
     config = model.config

@@ -27,6 +27,7 @@ from megatron_patches import checkpointing, distributed
 from megatron_patches.config import ConfigError, ParallelConfig, RunConfig, from_dict, to_dict
 from megatron_patches.data import load_tokenizer
 from megatron_patches.hf_conversion import (
+    DTYPES,
     hf_config_from_model,
     hf_to_megatron,
     megatron_to_hf,
@@ -36,7 +37,6 @@ from megatron_patches.hf_conversion import (
 from megatron_patches.model import build_model
 from megatron_patches.scheduler import SharingScheduler
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_DIR = "tokenizer"
 
 

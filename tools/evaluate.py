@@ -42,8 +42,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from epas_hf import EpasLlamaForCausalLM  # noqa: E402
 from megatron_patches.config import ConfigError  # noqa: E402
 from megatron_patches.data import load_tokenizer  # noqa: E402
+from megatron_patches.hf_conversion import DTYPES, SUPPORTED_MODEL_TYPES, device_and_dtype  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The metric a task's row shows: the first of these the task reports, else its first metric.
 DEFAULT_METRICS = ("acc_norm", "acc")
 TABLE, RESULTS, PLOT = "table.md", "results.json", "sharing_lengths.png"
@@ -97,7 +97,7 @@ def read_model_config(folder: Path) -> dict:
         raise EvaluationError(f"{folder} has no config.json: it is not a Hugging Face model folder; pass a "
                               "folder written by tools/convert_checkpoint.py megatron-to-hf")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") not in ("epas_llama", "llama"):
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise EvaluationError(f"{folder} holds a {config.get('model_type')!r} model, neither an EPAS export "
                               "(model_type 'epas_llama') nor a plain LLaMA; pass a folder written by "
                               "tools/convert_checkpoint.py megatron-to-hf")
@@ -265,8 +265,7 @@ def evaluate(args, argv: list[str]) -> dict:
         raise EvaluationError(f"{error}{hint}") from None
     tokens = read_tokens(prefix, args.valid_tokens, config["vocab_size"]) if prefix else None
     windows = token_windows(tokens, seq_length) if prefix else []
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     print(f"loading {args.model} ({num_layers} layers, {config.get('sharing_mode', 'qk')} sharing, "
           f"trained region {trained}) on {device}", flush=True)
     model = load_model(args.model, dtype, device)
