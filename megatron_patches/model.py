@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_patches import pipeline
 from megatron_patches.activation_cache import ActivationCache
 from megatron_patches.config import RunConfig
+from megatron_patches.fusions import choose_fusions
 from megatron_patches.layer_specs import epas_layer_spec
 from megatron_patches.sharing_attention import EPASSelfAttention
 
@@ -135,13 +136,8 @@ def transformer_config(run: RunConfig) -> TransformerConfig:
         pipeline_dtype=torch.float32 if on_cpu else torch.bfloat16,
         batch_p2p_comm=not on_cpu,  # batched p2p mixes up messages on gloo
         use_cpu_initialization=on_cpu,
-        # megatron-core's fused kernels are CUDA-only
-        bias_activation_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
-        apply_rope_fusion=not on_cpu,
-        persist_layer_norm=not on_cpu,
         gradient_accumulation_fusion=False,
+        **choose_fusions(run.device),  # each only where its kernel is importable
     )
 
 

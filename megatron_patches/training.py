@@ -25,6 +25,7 @@ from megatron_patches import checkpointing
 from megatron_patches.config import ConfigError, RunConfig
 from megatron_patches.data import build_datasets, check_data_files, micro_batches
 from megatron_patches.flops import training_flops_per_token
+from megatron_patches.fusions import describe, fusions_of
 from megatron_patches.layer_specs import BACKENDS
 from megatron_patches.metrics import MetricsLogger, peak_memory_gb
 from megatron_patches.model import build_model, transformer_config
@@ -345,6 +346,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "epas_scheduler": self.epas.state_dict(),
+                "fused_kernels": fusions_of(self.config),
             },
             self.run,
         )
@@ -376,6 +378,9 @@ class Trainer:
 
     def train(self) -> int:
         run, training = self.run, self.run.training
+        fused = describe(fusions_of(self.config), run.device)
+        self.log.print(fused)
+        self.log.text(self.iteration, "run/fused_kernels", fused)
         self.log.print(f"EPAS target {list(self.epas.target)} (mode {run.epas.mode}); "
                        f"sharing now {list(self.epas.current)}")
         if self.iteration >= training.train_steps:

@@ -46,6 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 from megatron_patches import distributed
 from megatron_patches.config import ConfigError, RunConfig, load_config
 from megatron_patches.flops import deepest_layers, mfu, training_flops_per_token
+from megatron_patches.fusions import describe, fusions_of
 from megatron_patches.hf_conversion import DTYPES, device_and_dtype, hf_config_from_model
 from megatron_patches.model import build_model, transformer_config
 from megatron_patches.scheduler import resolve_target_layers
@@ -197,6 +198,7 @@ def train_benchmark(args, argv: list[str]) -> dict:
 
 def _train(run: RunConfig, args, argv: list[str]) -> dict:
     config = transformer_config(run)
+    print(describe(fusions_of(config), run.device), file=sys.stderr, flush=True)
     epas_models = {}
     for mode in args.mode:
         epas_run = dataclasses.replace(run, epas=dataclasses.replace(run.epas, mode=mode))
@@ -257,6 +259,7 @@ def _train(run: RunConfig, args, argv: list[str]) -> dict:
             "device": run.device,
             "spec": run.spec,
             "dtype": str(config.params_dtype).removeprefix("torch."),
+            "fused_kernels": fusions_of(config),
             "seq_length": seq,
             "micro_batch": args.micro_batch,
             "warmup": args.warmup,
