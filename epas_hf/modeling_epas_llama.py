@@ -28,6 +28,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_epas_llama import EpasLlamaConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The keyword under which generate() hands the cache to forward() and reads it back from its output: "cache" from
+# transformers 5.24 on, "past_key_values" before. A model output class declares the name its version uses.
+CACHE_KEYWORD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SharedAttention(NamedTuple):
@@ -190,6 +193,13 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + rotated * sin
 
 
+def _one_cache(cache, past_key_values):
+    """The cache passed under either of transformers' names for it."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
+
+
 def _attention_mask(attention_mask, query_length: int, past_length: int, device):
     """SDPA mask arguments for causal attention over past + new tokens with an optional 2D padding mask.
 
@@ -300,7 +310,7 @@ class EpasLlamaPreTrainedModel(PreTrainedModel):
     config_class = EpasLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["EpasLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     supports_gradient_checkpointing = True
     # checkpoints from old transformers versions saved RoPE's inverse frequencies; they are recomputed here
@@ -310,10 +320,9 @@ class EpasLlamaPreTrainedModel(PreTrainedModel):
         """Switch the given layers (0-based) to sharing mode and all others to compute mode (validated)."""
         self.config.sharing_layers = self.config.checked_sharing_layers(layers)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """False: generate() must not build its DynamicCache; the model builds its EpasCache on the first forward."""
-        return False
+    def new_cache(self) -> EpasCache:
+        """An empty cache laid out for the current sharing set."""
+        return EpasCache(self.config.num_hidden_layers, self.config.sharing_layers, self.config.sharing_mode)
 
 
 class EpasLlamaModel(EpasLlamaPreTrainedModel):
@@ -337,20 +346,22 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _cache_for(self, past_key_values, use_cache: bool) -> EpasCache | None:
-        layout = (tuple(self.config.sharing_layers), self.config.sharing_mode)
-        if past_key_values is None:
-            return EpasCache(len(self.layers), *layout) if use_cache else None
-        if not isinstance(past_key_values, EpasCache):
+    def _cache_for(self, cache, use_cache: bool) -> EpasCache | None:
+        """The cache to read and extend: the caller's EpasCache, or a new one in place of none or of an empty
+        foreign cache, which is what generate() builds by default (a DynamicCache) and holds nothing to lose."""
+        if cache is None:
+            return self.new_cache() if use_cache else None
+        if not isinstance(cache, EpasCache):
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                return self.new_cache()
             raise TypeError(
-                f"EpasLlama needs an EpasCache (or None, to build one), got {type(past_key_values).__name__}: "
+                f"EpasLlama needs an EpasCache (or None, to build one), got a filled {type(cache).__name__}: "
                 "other caches do not know which layers hold keys and values"
             )
-        if past_key_values.layout != layout:
-            raise ValueError(
-                f"the cache was built for sharing layers/mode {past_key_values.layout}, the model now uses {layout}"
-            )
-        return past_key_values
+        layout = (tuple(self.config.sharing_layers), self.config.sharing_mode)
+        if cache.layout != layout:
+            raise ValueError(f"the cache was built for sharing layers/mode {cache.layout}, the model now uses {layout}")
+        return cache
 
     def forward(
         self,
@@ -360,17 +371,19 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
         past_key_values: EpasCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: EpasCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """LLaMA's forward. `attention_mask` is 2D [batch, past + new tokens] (0 = padding); `use_cache` defaults to
-        config.use_cache outside training; other keyword arguments that generate() passes (cache_position,
-        return_dict, ...) are accepted and unused."""
+        """LLaMA's forward. `attention_mask` is 2D [batch, past + new tokens] (0 = padding); the cache comes as
+        `cache` or `past_key_values` (transformers' new and old names); `use_cache` defaults to config.use_cache
+        outside training; other keyword arguments that generate() passes (return_dict, ...) are accepted and
+        unused."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        cache = self._cache_for(past_key_values, use_cache)
+        cache = self._cache_for(_one_cache(cache, past_key_values), use_cache)
         length = hidden_states.shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -392,7 +405,7 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
                 hidden_states, produced = layer(*inputs)
             if not is_sharing:
                 source = produced
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_KEYWORD: cache})
 
 
 class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
@@ -429,6 +442,7 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: EpasCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (for the last `logits_to_keep` positions, 0 = all), and the next-token loss if `labels` are given
@@ -438,9 +452,9 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            cache=_one_cache(cache, past_key_values),
         )
         hidden_states = outputs.last_hidden_state
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -448,4 +462,4 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEYWORD: getattr(outputs, CACHE_KEYWORD)})

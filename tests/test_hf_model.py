@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from epas_hf import EpasCache, EpasLlamaConfig, EpasLlamaForCausalLM, write_model_files
+from epas_hf.modeling_epas_llama import CACHE_KEYWORD
 from tests.epas_reference import ReferenceLlama
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB = 4, 64, 4, 128, 128
@@ -73,18 +74,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def cache_of(output) -> EpasCache | None:
+    """The cache an output carries, under the name of the installed transformers ("cache" or "past_key_values")."""
+    return getattr(output, CACHE_KEYWORD)
+
+
 def greedy(model, input_ids, attention_mask=None, use_cache=True, new_tokens=6, **kwargs):
+    """generate() (greedy unless `kwargs` say otherwise) with the sequences and each step's logits."""
+    settings = {"do_sample": False, "pad_token_id": 0, "return_dict_in_generate": True, "output_logits": True, **kwargs}
     with torch.no_grad():
         return model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
             max_new_tokens=new_tokens,
-            do_sample=False,
             use_cache=use_cache,
-            pad_token_id=0,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **kwargs,
+            **settings,
         )
 
 
@@ -217,11 +221,33 @@ def test_generate_with_cache_equals_without(sharing, mode):
     prompt = tokens(2, 7)
     cached = greedy(model, prompt)
     uncached = greedy(model, prompt, use_cache=False)
-    assert isinstance(cached.past_key_values, EpasCache)
+    assert isinstance(cache_of(cached), EpasCache)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert len(cached.logits) == len(uncached.logits) == 6
     for step_cached, step_uncached in zip(cached.logits, uncached.logits):
         assert relative_error(step_cached, step_uncached) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_sampling_with_cache_equals_without(mode):
+    model = epas_model(2, [2, 3], mode)
+    prompt = tokens(2, 7)
+    sequences = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        sequences.append(greedy(model, prompt, use_cache=use_cache, do_sample=True, top_k=0, new_tokens=8).sequences)
+    assert torch.equal(*sequences)
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_generate_fills_a_cache_the_caller_passes(mode):
+    """The caller's EpasCache is the one generate() extends and returns (under transformers' name for it)."""
+    model = epas_model(2, [2, 3], mode)
+    prompt = tokens(2, 7)
+    mine = model.new_cache()
+    cached = greedy(model, prompt, **{CACHE_KEYWORD: mine})
+    assert cache_of(cached) is mine and mine.get_seq_length() == 7 + 5
+    assert torch.equal(cached.sequences, greedy(model, prompt, use_cache=False).sequences)
 
 
 @pytest.mark.parametrize("sharing, mode", SHARING_CASES, ids=SHARING_IDS)
@@ -235,7 +261,7 @@ def test_chunked_forward_with_cache_equals_full_forward(sharing, mode):
         for attention_mask in (None, mask):
             first = None if attention_mask is None else attention_mask[:, :6]
             full = model(ids, attention_mask=attention_mask).logits
-            cache = model(ids[:, :6], attention_mask=first, use_cache=True).past_key_values
+            cache = cache_of(model(ids[:, :6], attention_mask=first, use_cache=True))
             rest = model(ids[:, 6:], attention_mask=attention_mask, past_key_values=cache).logits
             assert relative_error(rest, full[:, 6:]) < 1e-5
 
@@ -261,14 +287,14 @@ def test_cache_bytes(sharing, mode):
     held_by_sharing_layer = {"qk": kv_bytes // 2, "kv": 0}[mode]  # qk: V only; kv: nothing
     predicted = (LAYERS - len(sharing)) * kv_bytes + len(sharing) * held_by_sharing_layer
     with torch.no_grad():
-        cache = model(tokens(batch, length), use_cache=True).past_key_values
+        cache = cache_of(model(tokens(batch, length), use_cache=True))
     assert cache.nbytes() == predicted
     for index, layer in enumerate(cache.layers):
         assert (layer.keys is None) == (index in sharing)
         assert (layer.values is None) == (index in sharing and mode == "kv")
 
     # after generate(): the prompt plus every generated token but the last one is cached
-    generated = greedy(model, tokens(batch, length), new_tokens=4).past_key_values
+    generated = cache_of(greedy(model, tokens(batch, length), new_tokens=4))
     assert generated.get_seq_length() == length + 3
     assert generated.nbytes() == predicted * (length + 3) // length
 
@@ -281,11 +307,11 @@ def test_cropped_and_selected_cache_continue_like_fresh_ones(mode):
     with torch.no_grad():
         full = model(ids).logits
         for crop in (-2, 5):
-            cache = model(ids[:, :7], use_cache=True).past_key_values
+            cache = cache_of(model(ids[:, :7], use_cache=True))
             cache.crop(crop)
             assert cache.get_seq_length() == 5
             assert relative_error(model(ids[:, 5:], past_key_values=cache).logits, full[:, 5:]) < 1e-5
-        cache = model(ids[:, :5], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :5], use_cache=True))
         cache.batch_select_indices(torch.tensor([1]))
         assert relative_error(model(ids[1:, 5:], past_key_values=cache).logits, full[1:, 5:]) < 1e-5
 
@@ -310,7 +336,7 @@ with torch.no_grad():
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                                pad_token_id=0, return_dict_in_generate=True)
 result["sequences_3"] = generated.sequences
-result["cache_class"] = type(generated.past_key_values).__name__
+result["cache_class"] = type(getattr(generated, sys.modules[type(model).__module__].CACHE_KEYWORD)).__name__
 result["imported_epas_hf"] = "epas_hf" in sys.modules
 torch.save(result, folder + "/result.pt")
 """
@@ -408,10 +434,14 @@ def test_unsupported_rope_and_foreign_caches_are_rejected():
         EpasLlamaForCausalLM(EpasLlamaConfig(**llama_kwargs(rope_scaling={"rope_type": "dynamic", "factor": 2.0})))
     model = epas_model(2, [3], "qk")
     ids = tokens(1, 4)
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 2, 4, HEAD_DIM), torch.zeros(1, 2, 4, HEAD_DIM), 0)
     with torch.no_grad(), pytest.raises(TypeError, match="EpasCache"):
-        model(ids, past_key_values=DynamicCache())
+        model(ids, past_key_values=filled)
+    with torch.no_grad():  # an empty one, as generate() builds by default, is replaced: it holds nothing
+        assert isinstance(cache_of(model(ids, past_key_values=DynamicCache())), EpasCache)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = cache_of(model(ids, use_cache=True))
         model.set_sharing_layers([2, 3])
         with pytest.raises(ValueError, match="cache was built for"):
             model(ids, past_key_values=cache)
