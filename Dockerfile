@@ -41,21 +41,31 @@ assert sys.version.startswith('${EXPECTED_PYTHON}.'), f'Python {sys.version}, ex
 print(f'torch=={torch.__version__}')" > /opt/torch-constraint.txt \
     && cat /opt/torch-constraint.txt
 
-# 2. megatron-core. Its manylinux wheels (cp312 among them) ship the dataset index helpers
-#    already compiled (megatron/core/datasets/helpers_cpp), so no "make" step is needed at run
-#    time; importing them here proves it.
-RUN pip install --constraint /opt/torch-constraint.txt "${MEGATRON_CORE}" \
-    && python -c "from megatron.core.datasets import helpers_cpp; import megatron.core; print('megatron-core', megatron.core.__version__)"
+# 2. The lock (locks/cpu.txt, what CI tests), less every package the base image already has: those
+#    NVIDIA built against its torch and pins in its own /etc/pip/constraint.txt. What goes on top is
+#    then exactly the tested versions.
+COPY pyproject.toml locks/cpu.txt ./
+RUN python -c "import re; from importlib.metadata import distributions; \
+from packaging.utils import canonicalize_name as canonical; \
+image = {canonical(d.metadata['Name']) for d in distributions()}; \
+pins = [line for line in open('cpu.txt') if line.strip() and not line.startswith('#')]; \
+print(''.join(line for line in pins if canonical(re.split('[=<>~!@ ]', line)[0]) not in image), end='')" \
+        > /opt/lock-on-top.txt \
+    && rm cpu.txt && cat /opt/lock-on-top.txt
 
-# 3. The project's other dependencies (and the test tools of its "dev" extra), read from
-#    pyproject.toml so the list has one home; torch is left out.
-COPY pyproject.toml ./
+# 3. megatron-core and the project's other dependencies (and the test tools of its "dev" extra),
+#    read from pyproject.toml so the list has one home; torch is left out. megatron-core's
+#    manylinux wheels (cp312 among them) ship the dataset index helpers already compiled
+#    (megatron/core/datasets/helpers_cpp), so no "make" step is needed at run time; importing them
+#    here proves it.
 RUN python -c "import tomllib; from packaging.requirements import Requirement; \
 project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 requirements = project['dependencies'] + project.get('optional-dependencies', {}).get('dev', []); \
-print('\n'.join(r for r in requirements if Requirement(r).name != 'torch'))" > /tmp/requirements.txt \
-    && pip install --constraint /opt/torch-constraint.txt --requirement /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+print('\n'.join(r for r in requirements if Requirement(r).name not in ('torch', 'megatron-core')))" > /tmp/requirements.txt \
+    && pip install --constraint /opt/torch-constraint.txt --constraint /opt/lock-on-top.txt \
+        "${MEGATRON_CORE}" --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt \
+    && python -c "from megatron.core.datasets import helpers_cpp; import megatron.core; print('megatron-core', megatron.core.__version__)"
 
 # 4. The project itself, without dependencies (all installed above). Editable, so that
 #    /opt/epas (configs/, launch/, pretrain_epas.py, tests/) and the package are one copy.
