@@ -8,7 +8,7 @@ LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/cpu.txt
 OLDEST_VENV ?= .venv-oldest
 OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
 # The Hugging Face model tests: the model and its cache, conversion, the generate benchmark.
-HF_TESTS := tests/test_hf_model.py tests/test_hf_conversion.py tests/test_benchmark_generate.py
+HF_TESTS := tests/test_hf_model.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
 .PHONY: setup demo demo-finetune test test-oldest test-gpu test-slurm bench-cpu lock
 
