@@ -1,4 +1,4 @@
-"""tools/benchmark.py and tools/plot_benchmark.py on tiny CPU models.
+"""tools/benchmark.py train and tools/plot_benchmark.py on tiny CPU models (generate: test_generate_benchmark.py).
 
 The numbers are checked against their definitions (medians, gains, the FLOP model, the cache
 layout), the stock model against EPAS at 0% (the basis of the overhead figure), and the
@@ -48,23 +48,6 @@ def train_json(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "train.json"
     assert run_workers(_train_worker, 1, path) == [0]
     return path
-
-
-def _generate(json_path: Path, mode: str, *extra: str) -> int:
-    return benchmark.main([
-        "generate", "--random-init", TINY, "--sharing", "0.25,0.5", "--batch", "2", "--prompt", "8",
-        "--new-tokens", "4", "--warmup", "0", "--rounds", "2", "--device", "cpu",
-        "--json", str(json_path), *extra, f"epas.mode={mode}",
-    ])
-
-
-@pytest.fixture(scope="module")
-def generate_jsons(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("bench")
-    paths = {mode: folder / f"generate_{mode}.json" for mode in ("qk", "kv")}
-    for mode, path in paths.items():
-        assert _generate(path, mode) == 0
-    return paths
 
 
 # ---- train ----------------------------------------------------------------------------------------
@@ -128,41 +111,6 @@ def test_stock_model_is_plain_megatron_with_the_same_loss():
     assert not torch.equal(lm_loss(stock, tokens, tokens), lm_loss(epas, tokens, tokens))
 
 
-# ---- generate -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", ["qk", "kv"])
-def test_generate_cache_bytes_equal_prediction(generate_jsons, mode):
-    result = json.loads(generate_jsons[mode].read_text())
-    run = load_config(TINY)  # 6 layers, 2 KV heads of 32 dims; float32
-    layers, batch, prompt, new = 6, 2, 8, 4
-    llama_tensor = batch * run.model.query_groups * run.model.head_dim * (prompt + new - 1) * 4
-    records = {r["sharing_fraction"]: r for r in result["records"]}
-    assert sorted(records) == [0.0, 0.25, 0.5]
-    for fraction, r in records.items():
-        shared = len(r["sharing_layers"])
-        assert shared == {0.0: 0, 0.25: 2, 0.5: 3}[fraction]
-        held = 2 * layers - shared if mode == "qk" else 2 * (layers - shared)  # qk keeps V, kv nothing
-        assert r["cache_bytes"] == r["predicted_cache_bytes"] == held * llama_tensor
-        expected_fraction = (layers - shared / 2) / layers if mode == "qk" else (layers - shared) / layers
-        assert r["cache_fraction"] == pytest.approx(expected_fraction)
-        assert r["decode_tokens_per_s"] == pytest.approx(batch * (new - 1) / r["decode_s"])
-        assert r["decode_s"] == statistics.median(r["decode_times_s"]) and len(r["decode_times_s"]) == 2
-        assert r["decode_gain"] == pytest.approx(records[0.0]["decode_s"] / r["decode_s"] - 1)
-        assert r["mode"] == mode and r["prefill_s"] > 0
-    assert result["settings"]["trained_sharing_layers"] == [3, 4, 5]
-    assert "transformers" in result["metadata"] and "random init" in result["metadata"]["model"]
-
-
-def test_generate_refuses_untrained_layers_unless_allowed(tmp_path, capsys):
-    path = tmp_path / "untrained.json"
-    with pytest.raises(SystemExit):
-        _generate(path, "qk", "--sharing", "0.67")
-    assert "--allow-untrained" in capsys.readouterr().err and not path.exists()
-    assert _generate(path, "qk", "--sharing", "0.67", "--allow-untrained", "--rounds", "1") == 0
-    assert json.loads(path.read_text())["records"][1]["sharing_layers"] == [2, 3, 4, 5]
-
-
 # ---- plots ----------------------------------------------------------------------------------------
 
 
@@ -172,11 +120,6 @@ def _assert_png(path: Path) -> None:
     assert height > 300 and width > 500
 
 
-def test_plots_are_written(train_json, generate_jsons, tmp_path):
+def test_train_plot_is_written(train_json, tmp_path):
     assert plot_benchmark.main([str(train_json), "--output", str(tmp_path / "train.png")]) == 0
     _assert_png(tmp_path / "train.png")
-    assert plot_benchmark.main([*map(str, generate_jsons.values()), "--output", str(tmp_path / "generate.png")]) == 0
-    _assert_png(tmp_path / "generate.png")
-    with pytest.raises(SystemExit):
-        plot_benchmark.main([str(train_json), str(generate_jsons["qk"]), "--output", str(tmp_path / "mixed.png")])
-    assert not (tmp_path / "mixed.png").exists()

@@ -1,12 +1,13 @@
 """Figures of tools/benchmark.py results: what sharing gains against what the FLOP model allows.
 
     python tools/plot_benchmark.py train_125m.json train_1.1b.json --output train.png
-    python tools/plot_benchmark.py generate_qk.json generate_kv.json --output generate.png
+    python tools/plot_benchmark.py generate_125m.json generate_1.1b.json --output generate.png
 
 One panel per JSON file, all of one kind. ``train``: the measured tokens/s gain against the
 sharing fraction per mode, with the FLOP bound (the gain if step time followed the FLOP model)
-dashed in the same colour, and EPAS-at-0% against stock in the panel title. ``generate``: the
-decode tokens/s gain against the sharing fraction per batch size and prompt length. Titles name
+dashed in the same colour, and EPAS-at-0% against stock in the panel title. ``generate``
+(``benchmarks/generate.py``): the decode tokens/s gain against the sharing fraction per mode,
+batch size and prompt length, and EPAS-at-0% against LlamaForCausalLM in the title. Titles name
 the model, the device and the versions stored in the JSON.
 """
 
@@ -36,7 +37,7 @@ def load_results(paths: list[Path]) -> list[dict]:
         except (OSError, json.JSONDecodeError) as error:
             raise PlotError(f"cannot read {path}: {error}")
         if not isinstance(result, dict) or result.get("benchmark") not in KINDS:
-            raise PlotError(f"{path} is not the JSON of tools/benchmark.py train or generate")
+            raise PlotError(f"{path} is not the JSON of a train or generate benchmark")
         results.append(result)
     kinds = {result["benchmark"] for result in results}
     if len(kinds) > 1:
@@ -70,13 +71,25 @@ def _train_panel(axes, result: dict) -> None:
 
 
 def _generate_panel(axes, result: dict) -> None:
-    decode = _series(result["records"], lambda r: (r["batch"], r["prompt"]), "decode_gain")
-    for colour, (batch, prompt) in enumerate(decode):
-        axes.plot(*decode[batch, prompt], "o-", color=f"C{colour}", label=f"batch {batch}, prompt {prompt}")
-    cache = {r["sharing_fraction"]: r["cache_fraction"] for r in result["records"]}
-    cache_line = ", ".join(f"{fraction:.0%}: {size:.2f}" for fraction, size in sorted(cache.items()))
-    axes.set_title(f"{result['metadata']['model']}\ncache / LLaMA cache: {cache_line}", fontsize=9)
-    axes.set_ylabel("decode tokens/s gain over 0%")
+    """Per (batch, prompt) a colour, per mode a line style; each mode's line starts at EPAS 0%."""
+    records = result["records"]
+    cases = list(dict.fromkeys((r["batch"], r["prompt"]) for r in records))
+    modes = list(dict.fromkeys(r["mode"] for r in records if r["mode"]))
+    for colour, case in enumerate(cases):
+        for style, mode in zip(("o-", "s--"), modes):
+            rows = [r for r in records if (r["batch"], r["prompt"]) == case and r["model"] == "epas"
+                    and r["mode"] in (None, mode)]
+            xs, ys = zip(*sorted((r["sharing_fraction"], r["decode_gain"]) for r in rows))
+            axes.plot(xs, ys, style, color=f"C{colour}", label=f"{mode}, batch {case[0]}, prompt {case[1]}")
+    cache = {(r["mode"], r["sharing_fraction"]): r["cache_fraction"] for r in records if r["mode"]}
+    title = f"{result['metadata']['model']}\ncache / LLaMA cache: " + ", ".join(
+        f"{mode} {fraction:.0%} {size:.2f}" for (mode, fraction), size in sorted(cache.items()))
+    anchor = result.get("summary", {}).get("epas_at_0_vs_llama")
+    if anchor:
+        title += "\nEPAS 0% vs LlamaForCausalLM (decode): " + ", ".join(
+            f"b{a['batch']} p{a['prompt']} {a['decode_vs_llama']:+.1%}" for a in anchor)
+    axes.set_title(title, fontsize=8)
+    axes.set_ylabel("decode tokens/s gain over EPAS 0%")
 
 
 def plot_results(results: list[dict], output: Path) -> Path:
@@ -94,7 +107,7 @@ def plot_results(results: list[dict], output: Path) -> Path:
     kind = "training step" if panel is _train_panel else "decoding"
     devices = " | ".join(sorted({result["metadata"]["device"] for result in results}))
     versions = " | ".join(sorted({
-        f"torch {m['torch']} · megatron-core {m['megatron_core']} · transformers {m['transformers']}"
+        f"torch {m['torch']} · megatron-core {m['megatron_core'] or '-'} · transformers {m['transformers']}"
         for m in (result["metadata"] for result in results)
     }))
     figure.suptitle(f"EPAS {kind} on {devices}\n{versions}", fontsize=9)

@@ -3,9 +3,9 @@
 #   - the GPU tests (pytest -m gpu: Transformer Engine spec against the local spec);
 #   - training step, bf16 + TE spec: 125M, TinyLlama 1.1B and an 8-layer slice of LLaMA-2 7B, each
 #     at sharing 0/25/50% in qk and kv mode beside stock megatron-core GPTModel on the same weights;
-#   - decoding: sharing 0/25/50% × batch 1/32 × prompt 512/2048, 128 new tokens, qk and kv, on a
-#     randomly initialised TinyLlama 1.1B, or on MODEL_DIR (an export from convert_checkpoint.py
-#     megatron-to-hf whose trained region covers half of its layers, as after the paper's pretraining).
+#   - decoding: sharing 0/25/50% × batch 1/32 × prompt 512/2048, 128 new tokens, qk and kv, beside
+#     transformers' LlamaForCausalLM, on randomly initialised 125M and TinyLlama 1.1B, or on
+#     MODEL_DIR (an export from convert_checkpoint.py megatron-to-hf whose trained region covers half of its layers, as after the paper's pretraining).
 # JSON records, logs and the two PNGs go to OUTPUT_DIR. A failing step is logged and the rest
 # still runs; the exit status is 1 if any step failed.
 #
@@ -52,13 +52,12 @@ train 7b_slice llama2_7b 2 model.num_layers=8
 decode=(--sharing "0,0.25,0.5" --batch "1,32" --prompt "512,2048" --new-tokens 128 --warmup 1
         --rounds 5 --device cuda --dtype bfloat16)
 if [[ -n $model_dir ]]; then
-    step generate "$python" tools/benchmark.py generate --model "$model_dir" "${decode[@]}" \
+    step generate "$python" -m benchmarks.generate --model "$model_dir" "${decode[@]}" \
         --json "$out/generate.json"
 else
-    for mode in qk kv; do
-        step "generate_$mode" "$python" tools/benchmark.py generate \
-            --random-init configs/tinyllama_1.1b.yaml "${decode[@]}" --json "$out/generate_$mode.json" \
-            "epas.mode=$mode"
+    for preset in llama_125m tinyllama_1.1b; do
+        step "generate_$preset" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" \
+            "${decode[@]}" --json "$out/generate_$preset.json"
     done
 fi
 

@@ -1,0 +1,1 @@
+"""Speed benchmarks that need no megatron-core: decoding of the transformers EPAS model (``generate``)."""

@@ -1,0 +1,137 @@
+"""benchmarks/generate.py (and its device script) on tiny CPU models.
+
+The records are checked against their definitions (medians, gains, the cache layout, which
+transformers' own DynamicCache confirms for the LLaMA row), the LLaMA anchor against EPAS at 0%
+(same weights, same tokens), and the path against megatron-core: it must run without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import generate
+from tools import benchmark, plot_benchmark
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")  # 6 layers, 2 KV heads of 32 dims, trained region 3..5
+LAYERS, BATCH, PROMPT, NEW = 6, 2, 8, 4
+LABELS = ["llama", "epas 0%", "qk 25%", "qk 50%", "kv 25%", "kv 50%"]
+SHARED = {"llama": 0, "epas 0%": 0, "qk 25%": 2, "qk 50%": 3, "kv 25%": 2, "kv 50%": 3}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _generate(json_path: Path, *extra: str) -> int:
+    return generate.main([
+        "--random-init", TINY, "--sharing", "0.25,0.5", "--batch", str(BATCH), "--prompt", str(PROMPT),
+        "--new-tokens", str(NEW), "--warmup", "1", "--rounds", "2", "--device", "cpu",
+        "--json", str(json_path), *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def generate_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "generate.json"
+    assert _generate(path) == 0
+    return path
+
+
+def test_records_and_cache_bytes(generate_json):
+    result = json.loads(generate_json.read_text())
+    records = {r["label"]: r for r in result["records"]}
+    assert list(records) == LABELS and result["complete"] and result["skipped"] == []
+    llama_tensor = BATCH * 2 * 32 * (PROMPT + NEW - 1) * 4  # one layer's K (or V), float32
+    for label, r in records.items():
+        shared, mode = SHARED[label], r["mode"] or "qk"
+        assert len(r["sharing_layers"]) == shared and r["model"] == ("llama" if label == "llama" else "epas")
+        held = 2 * LAYERS - shared if mode == "qk" else 2 * (LAYERS - shared)  # qk keeps V, kv nothing
+        assert r["cache_bytes"] == r["predicted_cache_bytes"] == held * llama_tensor
+        assert r["cache_fraction"] == pytest.approx(held / (2 * LAYERS))
+        assert r["decode_tokens_per_s"] == pytest.approx(BATCH * (NEW - 1) / r["decode_s"])
+        assert r["decode_s"] == statistics.median(r["decode_times_s"]) and len(r["decode_times_s"]) == 2
+        assert r["decode_gain"] == pytest.approx(records["epas 0%"]["decode_s"] / r["decode_s"] - 1)
+        assert r["prefill_s"] > 0 and r["peak_memory_bytes"] is None  # no GPU here
+    assert records["qk 50%"]["sharing_layers"] == records["kv 50%"]["sharing_layers"] == [3, 4, 5]
+    (anchor,) = result["summary"]["epas_at_0_vs_llama"]
+    assert anchor["decode_vs_llama"] == pytest.approx(
+        records["epas 0%"]["decode_tokens_per_s"] / records["llama"]["decode_tokens_per_s"] - 1
+    )
+    assert result["summary"]["cache_bytes_as_predicted"] is True
+    assert result["settings"]["trained_sharing_layers"] == [3, 4, 5] and result["settings"]["modes"] == ["qk", "kv"]
+    assert "random init" in result["metadata"]["model"]
+    assert result["metadata"]["command"].startswith("python -m benchmarks.generate --random-init")
+
+
+def test_llama_anchor_is_the_same_model_as_epas_at_zero():
+    model = generate.random_model(TINY, [], torch.float32, "cpu").eval()
+    llama = generate.llama_twin(model)
+    assert type(llama).__name__ == "LlamaForCausalLM" and llama.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.allclose(llama(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        model.set_sharing_layers([4, 5])  # and not an accident of the inputs
+        assert not torch.allclose(model(ids).logits, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_refuses_untrained_layers_unless_allowed(tmp_path, capsys):
+    path = tmp_path / "untrained.json"
+    with pytest.raises(SystemExit):
+        _generate(path, "--sharing", "0.67", "--no-anchor")
+    assert "--allow-untrained" in capsys.readouterr().err and not path.exists()
+    assert _generate(path, "--sharing", "0.67", "--allow-untrained", "--rounds", "1", "--mode", "kv",
+                     "--no-anchor") == 0
+    labels = [(r["label"], r["sharing_layers"]) for r in json.loads(path.read_text())["records"]]
+    assert labels == [("epas 0%", []), ("kv 67%", [2, 3, 4, 5])]
+
+
+def test_time_budget_keeps_the_first_case_and_skips_the_rest(tmp_path):
+    path = tmp_path / "budget.json"
+    assert _generate(path, "--prompt", "8,6", "--time-budget", "0", "--rounds", "1", "--no-anchor") == 0
+    result = json.loads(path.read_text())
+    assert {r["prompt"] for r in result["records"]} == {8} and result["skipped"] == [{"batch": 2, "prompt": 6}]
+
+
+def test_tools_benchmark_generate_is_the_same_command(tmp_path):
+    path = tmp_path / "via_tools.json"
+    assert benchmark.main(["generate", "--random-init", TINY, "--sharing", "0.5", "--mode", "qk", "--batch", "1",
+                           "--prompt", "4", "--new-tokens", "2", "--warmup", "0", "--rounds", "1",
+                           "--device", "cpu", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert [r["label"] for r in result["records"]] == ["llama", "epas 0%", "qk 50%"]
+    assert result["metadata"]["command"].startswith("python tools/benchmark.py generate")
+
+
+def test_device_script_dry_run_needs_no_megatron(tmp_path):
+    """The device script at tiny CPU shapes, with every import of megatron made to fail."""
+    poison = tmp_path / "poison" / "megatron"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('megatron-core must not be needed to decode')\n")
+    env = {**os.environ, "EPAS_GENERATE_DRY_RUN": "1", "PYTHON": sys.executable,
+           "PYTHONPATH": str(poison.parent), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    subprocess.run(["bash", str(ROOT / "tools" / "gpu_check_generate.sh"), str(out)], env=env, check=True,
+                   capture_output=True, text=True)
+    for preset in ("llama_125m", "tinyllama_1.1b"):
+        result = json.loads((out / f"generate_{preset}.json").read_text())
+        assert result["complete"] and result["summary"]["cache_bytes_as_predicted"] and result["records"]
+        assert result["metadata"]["megatron_core"] is not None  # installed here, yet never imported
+    assert "cache bytes equal the prediction" in (out / "generate.log").read_text()
+
+
+def test_plot_is_written(generate_json, tmp_path):
+    assert plot_benchmark.main([str(generate_json), "--output", str(tmp_path / "generate.png")]) == 0
+    assert (tmp_path / "generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train_like = tmp_path / "train.json"
+    train_like.write_text(json.dumps({"benchmark": "train", "records": []}))
+    with pytest.raises(SystemExit):
+        plot_benchmark.main([str(train_like), str(generate_json), "--output", str(tmp_path / "mixed.png")])
+    assert not (tmp_path / "mixed.png").exists()

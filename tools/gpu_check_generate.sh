@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Decoding on one GPU in under 3.5 minutes (issue 17): the transformers EPAS model at sharing
+# 0/25/50% in qk and kv mode beside transformers' LlamaForCausalLM on the same random weights,
+# bf16, SDPA, 128 new tokens, batch 32 and 1 × prompt 2048 and 512 (the paper's Table 5 case,
+# batch 32 with prompt 2048, first), for the 125M and the TinyLlama 1.1B shapes. Needs torch,
+# transformers and pyyaml only (no megatron-core), run from the repository root, no network.
+# Writes OUT/generate_<preset>.json (rewritten after every case, so a run cut short keeps what it
+# measured) and OUT/generate.log.
+#
+#   bash tools/gpu_check_generate.sh OUT
+#   EPAS_GENERATE_DRY_RUN=1 bash tools/gpu_check_generate.sh OUT   # the same steps, tiny, on the CPU
+#
+# Time: each preset starts no new case after its budget (--time-budget) and is stopped by
+# `timeout` after its cap; the caps add up to 205 s.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUT" >&2
+    exit 2
+fi
+mkdir -p "$1" && out=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks, epas_hf, megatron_patches: not installed
+python=${PYTHON:-python3}
+
+if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
+    run=(--device cpu --dtype float32 --batch 2 --prompt "16,8" --new-tokens 4 --warmup 1 --rounds 2)
+    shrink=(model.num_layers=4 model.hidden_size=64 model.num_attention_heads=4 model.ffn_hidden_size=128
+            model.vocab_size=512 epas.num_sharing_layers=2)
+else
+    run=(--device cuda --dtype bfloat16 --batch "32,1" --prompt "2048,512" --new-tokens 128 --warmup 1 --rounds 3)
+    shrink=()
+fi
+
+status=0
+# preset, --time-budget (s), timeout cap (s)
+for spec in "llama_125m 35 75" "tinyllama_1.1b 80 130"; do
+    read -r preset budget cap <<<"$spec"
+    echo "== $preset" | tee -a "$out/generate.log"
+    timeout "$cap" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" \
+        --sharing "0,0.25,0.5" --mode "qk,kv" "${run[@]}" --time-budget "$budget" \
+        --json "$out/generate_$preset.json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log" || status=1
+done
+exit "$status"
