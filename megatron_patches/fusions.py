@@ -13,13 +13,13 @@ import importlib
 import os
 import shutil
 
-# The five TransformerConfig flags decided here, each with the implementation it needs.
-NEEDS = {
-    "bias_activation_fusion": "torch.compile (triton and a C compiler)",
-    "bias_dropout_fusion": "torch.compile (triton and a C compiler)",
-    "masked_softmax_fusion": "apex's scaled_masked_softmax_cuda and scaled_upper_triang_masked_softmax_cuda",
-    "apply_rope_fusion": "Transformer Engine >= 1.4 (fused RoPE)",
-    "persist_layer_norm": "apex's persistent LayerNorm, which has no RMSNorm (every model here uses RMSNorm)",
+# The five TransformerConfig flags decided here, each with why it would be off on a GPU.
+OFF_BECAUSE = {
+    "bias_activation_fusion": "needs torch.compile with triton and a C compiler",
+    "bias_dropout_fusion": "needs torch.compile with triton and a C compiler",
+    "masked_softmax_fusion": "needs apex's scaled_masked_softmax_cuda and scaled_upper_triang_masked_softmax_cuda",
+    "apply_rope_fusion": "needs Transformer Engine >= 1.4",
+    "persist_layer_norm": "only apex's LayerNorm reads it; these models use RMSNorm",
 }
 
 
@@ -52,7 +52,7 @@ def choose_fusions(device: str, available: dict[str, bool] | None = None) -> dic
     only apex's ``FusedLayerNorm`` reads it, and that module is LayerNorm-only.
     """
     if device == "cpu":
-        return dict.fromkeys(NEEDS, False)
+        return dict.fromkeys(OFF_BECAUSE, False)
     available = available_kernels() if available is None else available
     return {
         "bias_activation_fusion": available["torch_compile"],
@@ -67,10 +67,10 @@ def describe(fusions: dict[str, bool], device: str) -> str:
     """One line for the start-up log: each flag, and for one that is off, what it would need."""
     if device == "cpu":
         return "fused kernels: all off on the CPU"
-    parts = [f"{name} on" if on else f"{name} off (needs {NEEDS[name]})" for name, on in fusions.items()]
+    parts = [f"{name} on" if on else f"{name} off ({OFF_BECAUSE[name]})" for name, on in fusions.items()]
     return "fused kernels: " + "; ".join(parts)
 
 
 def fusions_of(config) -> dict[str, bool]:
     """The fusion flags a built ``TransformerConfig`` carries (what the run really uses)."""
-    return {name: getattr(config, name) for name in NEEDS}
+    return {name: getattr(config, name) for name in OFF_BECAUSE}

@@ -161,15 +161,15 @@ class EPASSelfAttention(SelfAttention):
 
 
 def _fused_input_norm(linear, hidden_states: Tensor) -> Tensor:
-    """Apply the input norm that Transformer Engine fuses into ``linear_qkv``, if it does."""
+    """Apply the input norm that Transformer Engine fuses into ``linear_qkv``, if it does (in fp32, as TE)."""
     norm_weight = getattr(linear, "layer_norm_weight", None)
     if norm_weight is None:
         return hidden_states  # local spec: the layer's input_layernorm already ran
     if getattr(linear, "zero_centered_gamma", False):
         norm_weight = norm_weight + 1
-    x = hidden_states.float()
+    x, shape = hidden_states.float(), hidden_states.shape[-1:]
     if linear.normalization == "RMSNorm":
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + linear.eps)
-        return (x * norm_weight.float()).to(hidden_states.dtype)
-    x = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=linear.eps)
-    return (x * norm_weight.float() + linear.layer_norm_bias.float()).to(hidden_states.dtype)
+        x = torch.nn.functional.rms_norm(x, shape, norm_weight.float(), linear.eps)
+    else:
+        x = torch.nn.functional.layer_norm(x, shape, norm_weight.float(), linear.layer_norm_bias.float(), linear.eps)
+    return x.to(hidden_states.dtype)

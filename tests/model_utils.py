@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_patches.config import EPASConfig, ModelConfig, ParallelConfig, RunConfig
+from tests.epas_reference import ReferenceLlama
 
 
 def tiny_run(mode: str = "qk", num_layers: int = 6, heads: int = 4, groups: int = 2, tp: int = 1) -> RunConfig:
@@ -60,5 +61,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss through megatron-core's (vocab-parallel) cross entropy."""
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     return model(tokens, positions, None, labels=labels).mean()
+
+
+def reference_llama(run: RunConfig, state: dict) -> ReferenceLlama:
+    """The plain-PyTorch fp32 reference with the weights of megatron-core state ``state`` (TP=1)."""
+    m = run.model
+    reference = ReferenceLlama(
+        m.num_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+        m.query_groups,
+        m.ffn_hidden_size,
+        m.padded_vocab_size(),
+        eps=m.norm_epsilon,
+        rope_base=m.rotary_base,
+    )
+    reference.load_megatron(state)
+    return reference

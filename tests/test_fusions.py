@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_patches import fusions
-from megatron_patches.fusions import NEEDS, available_kernels, choose_fusions, describe, fusions_of
+from megatron_patches.fusions import OFF_BECAUSE, available_kernels, choose_fusions, describe, fusions_of
 from megatron_patches.model import build_model, transformer_config
 from tests.model_utils import tiny_run
 
@@ -18,7 +18,7 @@ EVERYTHING = dict.fromkeys(NOTHING, True)
 
 
 def test_cpu_runs_no_fused_kernel_even_where_all_are_importable():
-    assert choose_fusions("cpu", EVERYTHING) == dict.fromkeys(NEEDS, False)
+    assert choose_fusions("cpu", EVERYTHING) == dict.fromkeys(OFF_BECAUSE, False)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_probe_needs_both_apex_softmax_kernels_and_a_c_compiler(monkeypatch):
 def test_describe_names_what_a_missing_fusion_needs():
     line = describe(choose_fusions("cuda", {**EVERYTHING, "te_rope": False}), "cuda")
     assert "bias_activation_fusion on" in line
-    assert "apply_rope_fusion off (needs Transformer Engine >= 1.4" in line
+    assert "apply_rope_fusion off (needs Transformer Engine >= 1.4)" in line
     assert describe(choose_fusions("cpu"), "cpu") == "fused kernels: all off on the CPU"
 
 
@@ -86,4 +86,4 @@ def test_gpu_config_without_te_or_apex_builds_and_runs_a_bf16_forward(monkeypatc
     tokens = torch.randint(0, 256, (2, 32))
     logits = model(tokens, torch.arange(32).expand_as(tokens), None)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
-    assert fusions_of(config) == dict.fromkeys(NEEDS, False)
+    assert fusions_of(config) == dict.fromkeys(OFF_BECAUSE, False)

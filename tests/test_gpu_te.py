@@ -1,10 +1,13 @@
 """Transformer Engine spec on a GPU: EPAS with TE modules equals EPAS with the local spec.
 
-Run on a machine with a GPU and transformer-engine (``make test-gpu``). Each test runs in a
-fresh process because the CPU tests switch on the CPU bridge for the whole pytest process.
+Run on a machine with a GPU and Transformer Engine (``make test-gpu``); skipped without TE. Each
+test runs in a fresh process because the CPU tests switch on the CPU bridge for the whole pytest
+process.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -14,7 +17,14 @@ from megatron_patches.model import build_model, transformer_config
 from tests.model_utils import load_weights, random_weights, relative_error, tiny_run
 from tests.multiprocess import run_workers
 
-pytestmark = pytest.mark.gpu
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformer_engine") is None,
+        reason="needs Transformer Engine for spec 'te' (the local-spec GPU tests are in test_gpu_local.py)",
+    ),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+]
 
 # TE fuses each pre-norm into the following column-parallel linear.
 TE_NAMES = {
@@ -67,9 +77,7 @@ def _te_worker(rank, cases):
     return results
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_te_spec_matches_local_spec_with_sharing():
-    pytest.importorskip("transformer_engine")
     cases = [("qk", (3, 4, 5)), ("kv", (3, 4, 5)), ("qk", (2, 3, 5))]
     (results,) = run_workers(_te_worker, 1, cases)
     for mode, logits_error, grad_error in results:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_patches.flops import forward_flops_per_token
 from megatron_patches.model import build_model, transformer_config
-from tests.epas_reference import ReferenceLlama
-from tests.model_utils import lm_loss, load_weights, random_weights, relative_error, tiny_run
+from megatron_patches.sharing_attention import _fused_input_norm
+from tests.model_utils import lm_loss, load_weights, random_weights, reference_llama, relative_error, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
@@ -31,22 +32,6 @@ def _inputs(vocab: int, seed: int = 1):
 
 def _logits(model, tokens):
     return model(tokens, torch.arange(SEQ).expand_as(tokens), None)
-
-
-def _reference(run, state):
-    m = run.model
-    reference = ReferenceLlama(
-        m.num_layers,
-        m.hidden_size,
-        m.num_attention_heads,
-        m.query_groups,
-        m.ffn_hidden_size,
-        m.padded_vocab_size(),
-        eps=m.norm_epsilon,
-        rope_base=m.rotary_base,
-    )
-    reference.load_megatron(state)
-    return reference
 
 
 def test_sharing_off_is_identical_to_stock_megatron():
@@ -90,7 +75,7 @@ def test_sharing_matches_reference_logits_and_gradients(mode, layers, heads, gro
     model = build_model(run)
     state = random_weights(model, seed=layers + groups)
     load_weights(model, state)
-    reference = _reference(run, state)
+    reference = reference_llama(run, state)
     model.set_sharing_layers(sharing)
     tokens, labels = _inputs(run.model.vocab_size)
 
@@ -122,7 +107,7 @@ def test_source_layer_receives_gradients_through_shared_tensors():
         model.set_sharing_layers(sharing)
         lm_loss(model, tokens, labels).backward()
         grads[sharing] = source_qkv.grad.clone()
-    reference = _reference(run, state)
+    reference = reference_llama(run, state)
     F.cross_entropy(
         reference(tokens, (3, 4, 5)).flatten(0, 1), labels.flatten()
     ).backward()
@@ -140,7 +125,7 @@ def test_selective_recompute_keeps_shared_gradients_exact():
     assert model.decoder.layers[0].self_attention.checkpoint_core_attention
     state = random_weights(model)
     load_weights(model, state)
-    reference = _reference(run, state)
+    reference = reference_llama(run, state)
     model.set_sharing_layers((4, 5))
     tokens, labels = _inputs(run.model.vocab_size)
     F.cross_entropy(_logits(model, tokens).flatten(0, 1), labels.flatten()).backward()
@@ -217,3 +202,23 @@ def test_skipped_projections_are_not_computed(mode, sharing):
         _logits(model, tokens)
     expected = forward_flops_per_token(run.model, sharing, mode, seq_length=SEQ) * BATCH * SEQ
     assert counter.get_total_flops() == expected
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_te_fused_input_norm_equals_the_torch_norm(normalization, zero_centered):
+    """With the TE spec a sharing layer applies the norm that TE fuses into linear_qkv itself."""
+    generator = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(SEQ, BATCH, 64, generator=generator)
+    weight, bias = 1 + 0.1 * torch.randn(2, 64, generator=generator)
+    linear = SimpleNamespace(  # the attributes of TE's LayerNormColumnParallelLinear that are read
+        layer_norm_weight=weight - 1 if zero_centered else weight, layer_norm_bias=bias,
+        zero_centered_gamma=zero_centered, normalization=normalization, eps=1e-5,
+    )
+    norm = torch.nn.RMSNorm(64, eps=1e-5) if normalization == "RMSNorm" else torch.nn.LayerNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        if normalization == "LayerNorm":
+            norm.bias.copy_(bias)
+    torch.testing.assert_close(_fused_input_norm(linear, x), norm(x))
+    assert _fused_input_norm(linear, x.bfloat16()).dtype == torch.bfloat16
