@@ -22,7 +22,7 @@ gpu_start() {
 step() {
     local name=$1 limit=$2
     shift 2
-    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit} s): $*"
+    echo "=== $name ($(date -u +%H:%M:%S), $( ((limit > 0)) && echo "limit $limit s" || echo "no limit")): $*"
     local started=$SECONDS
     if ((limit > 0)); then
         timeout --kill-after 10 "$limit" "$@"  # the whole process group: spawned workers too
