@@ -35,52 +35,81 @@ CACHE_KEYWORD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields_
 
 class SharedAttention(NamedTuple):
     """What a layer hands on to the sharing layers after it: post-RoPE queries of this step, and keys and values
-    over everything attended to (cached past plus this step), all as [batch, heads, tokens, head_dim]."""
+    over everything attended to (cached past plus this step), all as [batch, heads, tokens, head_dim]; and, when it
+    decodes one token for QK-sharing layers, its attention probabilities as [batch, kv_heads, groups, keys]."""
 
     queries: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
+    probabilities: torch.Tensor | None = None
 
 
 class EpasLayerCache:
     """One layer's part of an `EpasCache`: keys and/or values as [batch, kv_heads, tokens, head_dim], or nothing.
 
     It holds whatever its layer appends, so a QK-sharing layer (appending values only) holds no keys and a
-    KV-sharing layer (appending nothing) holds no tensor at all.
+    KV-sharing layer (appending nothing) holds no tensor at all. Tokens are written into buffers that grow by
+    `chunk` tokens when full, so a decoding step writes one token instead of copying the whole past (torch.cat);
+    `keys` and `values` are views of the written part.
     """
 
     is_croppable = True  # read by transformers 5's Cache.is_croppable: crop() below can undo any step
+    chunk = 256  # tokens a full buffer grows by: at most chunk - 1 tokens of unused room per tensor
 
     def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.key_buffer is None else self.key_buffer[..., : self.length, :]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.value_buffer is None else self.value_buffer[..., : self.length, :]
+
+    def _written(self, buffer: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+        """`buffer` with `update` written after the cached tokens, first grown by whole chunks if it is full."""
+        end = self.length + update.shape[-2]
+        if buffer is None or end > buffer.shape[-2]:
+            capacity = -(-end // self.chunk) * self.chunk
+            grown = update.new_empty(*update.shape[:-2], capacity, update.shape[-1])
+            if buffer is not None:
+                grown[..., : self.length, :] = buffer[..., : self.length, :]
+            buffer = grown
+        buffer[..., self.length : end, :] = update
+        return buffer
 
     def append(self, keys: torch.Tensor | None, values: torch.Tensor | None):
         """Add this step's keys/values (None for one the layer does not hold); return the full ones."""
         if keys is not None:
-            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=-2)
+            self.key_buffer = self._written(self.key_buffer, keys)
         if values is not None:
-            self.values = values if self.values is None else torch.cat([self.values, values], dim=-2)
+            self.value_buffer = self._written(self.value_buffer, values)
+        held = keys if keys is not None else values
+        if held is not None:
+            self.length += held.shape[-2]
         return self.keys, self.values
 
     def _map(self, function) -> None:
-        self.keys = None if self.keys is None else function(self.keys)
-        self.values = None if self.values is None else function(self.values)
+        self.key_buffer = None if self.key_buffer is None else function(self.key_buffer)
+        self.value_buffer = None if self.value_buffer is None else function(self.value_buffer)
 
     def seq_length(self) -> int:
-        held = self.keys if self.keys is not None else self.values
-        return 0 if held is None else held.shape[-2]
+        return self.length
 
     def nbytes(self) -> int:
+        """Bytes of the cached tokens (the buffers' unused room at the end is not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.key_buffer = self.value_buffer = None
+        self.length = 0
 
     def crop(self, length: int) -> None:
         """Drop trailing tokens: ``-n`` removes n (transformers 5 convention), ``n >= 0`` keeps the first n (4.x)."""
-        keep = self.seq_length() + length if length < 0 else length
-        self._map(lambda t: t[..., :keep, :])
+        self.length = self.length + length if length < 0 else min(length, self.length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -113,7 +142,7 @@ class EpasCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        """False: tensors grow by concatenation; it also keeps generate() from building 4D masks or compiling."""
+        """False: buffers grow while decoding; it also keeps generate() from building 4D masks or compiling."""
         return False
 
     def nbytes(self) -> int:
@@ -245,8 +274,27 @@ class EpasAttention(nn.Module):
         batch, length, _ = projection.shape
         return projection.view(batch, length, -1, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode):
-        """`shared` is the source layer's SharedAttention in a sharing layer, None in a compute layer."""
+    def _decode_probabilities(self, queries, keys, mask) -> torch.Tensor:
+        """Softmax attention of one query token as [batch, kv_heads, groups, keys] (fp32 softmax, as transformers'
+        eager attention); query head h belongs to kv head h // groups, as in SDPA's enable_gqa."""
+        batch, _, _, head_dim = queries.shape
+        grouped = queries.reshape(batch, self.num_key_value_heads, -1, head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * head_dim**-0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
+
+    def _weighted_values(self, probabilities, values) -> torch.Tensor:
+        """probabilities @ values, back as [batch, heads, 1, head_dim]."""
+        batch = probabilities.shape[0]
+        return torch.matmul(probabilities, values).reshape(batch, self.num_heads, 1, self.head_dim)
+
+    def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode, hands_on_probabilities):
+        """`shared` is the source layer's SharedAttention in a sharing layer, None in a compute layer.
+
+        In QK sharing a sharing layer's attention probabilities are its source's (same Q and K). When one token is
+        decoded they are small ([batch, heads, keys]), so a source whose next layer shares computes them once
+        (`hands_on_probabilities`) and each sharing layer reads only its own V instead of its source's K again."""
         cos, sin = rope
         if shared is None:
             queries = _apply_rope(self._heads(self.q_proj(hidden_states)), cos, sin)
@@ -262,18 +310,24 @@ class EpasAttention(nn.Module):
         else:
             queries = _apply_rope(self._heads(self.q_proj(hidden_states)), cos, sin)
             keys, values = shared.keys, shared.values
-        attended = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            enable_gqa=self.num_heads != self.num_key_value_heads,
-        )
+        probabilities = shared.probabilities if shared is not None and sharing_mode == "qk" else None
+        if probabilities is None and hands_on_probabilities and queries.shape[-2] == 1 and not self.training:
+            probabilities = self._decode_probabilities(queries, keys, mask)
+        if probabilities is not None:
+            attended = self._weighted_values(probabilities, values)
+        else:
+            attended = F.scaled_dot_product_attention(
+                queries,
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                enable_gqa=self.num_heads != self.num_key_value_heads,
+            )
         batch, _, length, _ = attended.shape
         output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-        return output, SharedAttention(queries, keys, values)
+        return output, SharedAttention(queries, keys, values, probabilities)
 
 
 class EpasMLP(nn.Module):
@@ -297,9 +351,10 @@ class EpasLlamaDecoderLayer(nn.Module):
         self.input_layernorm = EpasRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = EpasRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode):
+    def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode, hands_on_probabilities):
         attended, produced = self.self_attn(
-            self.input_layernorm(hidden_states), rope, mask, is_causal, cache, shared, sharing_mode
+            self.input_layernorm(hidden_states), rope, mask, is_causal, cache, shared, sharing_mode,
+            hands_on_probabilities,
         )
         hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -396,7 +451,9 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
         source = None
         for index, layer in enumerate(self.layers):
             is_sharing = index in sharing
-            inputs = (hidden_states, rope, mask, is_causal, cache, source if is_sharing else None, mode)
+            hands_on_probabilities = mode == "qk" and not is_sharing and index + 1 in sharing
+            shared = source if is_sharing else None
+            inputs = (hidden_states, rope, mask, is_causal, cache, shared, mode, hands_on_probabilities)
             if recompute:
                 # non-reentrant whatever the caller asked: only it carries gradients through the shared
                 # tensors, which travel between layers inside a NamedTuple

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from epas_hf import EpasCache, EpasLlamaConfig, EpasLlamaForCausalLM, write_model_files
-from epas_hf.modeling_epas_llama import CACHE_KEYWORD
+from epas_hf.modeling_epas_llama import CACHE_KEYWORD, EpasLayerCache
 from tests.epas_reference import ReferenceLlama
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB = 4, 64, 4, 128, 128
@@ -215,8 +215,15 @@ SHARING_CASES = [([], "qk"), ([2, 3], "qk"), ([2, 3], "kv"), ([1, 3], "qk"), ([1
 SHARING_IDS = ["none", "qk-23", "kv-23", "qk-13", "kv-13"]
 
 
+@pytest.fixture(params=[256, 3], ids=["one-chunk", "growing"])
+def cache_chunk(request, monkeypatch):
+    """The cache's growth step: 256 holds every test sequence in its first buffer, 3 regrows it while decoding."""
+    monkeypatch.setattr(EpasLayerCache, "chunk", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("sharing, mode", SHARING_CASES, ids=SHARING_IDS)
-def test_generate_with_cache_equals_without(sharing, mode):
+def test_generate_with_cache_equals_without(sharing, mode, cache_chunk):
     model = epas_model(2, sharing, mode)
     prompt = tokens(2, 7)
     cached = greedy(model, prompt)
@@ -267,7 +274,7 @@ def test_chunked_forward_with_cache_equals_full_forward(sharing, mode):
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])
-def test_beam_search_with_cache_equals_without(mode):
+def test_beam_search_with_cache_equals_without(mode, cache_chunk):
     model = epas_model(2, [2, 3], mode)
     prompt = tokens(2, 5)
     beams = dict(num_beams=3, num_return_sequences=2)
