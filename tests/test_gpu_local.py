@@ -8,7 +8,6 @@ training run) as a dry run of their logic on a machine without a GPU.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -20,9 +19,10 @@ import torch.nn.functional as F
 
 from megatron_patches import checkpointing, distributed
 from megatron_patches.model import build_model, transformer_config
-from tests.model_utils import lm_loss, load_weights, random_weights, reference_llama, relative_error, tiny_run
+from tests.model_utils import lm_loss, load_weights, random_weights, reference_llama, tiny_run
 from tests.multiprocess import run_workers
 from tests.test_training import TINY, _scalars
+from tools.benchmark import build_stock_model
 
 DEVICE = os.environ.get("EPAS_GPU_TESTS_DEVICE", "cuda")
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +61,6 @@ def _start(device: str) -> None:
 
 def _gpu_model(mode: str, device: str, stock: bool = False):
     """A tiny model with the GPU configuration (bf16, the fused kernels this machine has), local spec."""
-    from tools.benchmark import build_stock_model
-
     run = tiny_run(mode)
     run.device, run.model.seq_length = "cuda", SEQ
     config = transformer_config(run)

@@ -8,7 +8,7 @@
 #   - tools/profile_train.py: the operators with the most GPU time in a few 1.1B steps, qk 0% and 50%.
 # OUTPUT_DIR receives gpu_tests.xml (junit), train_125m.json, train_1.1b.json, profile_1.1b.txt and
 # gpu_check_train.log (everything printed). A failing step is logged and the rest still runs; the
-# exit status is 1 if any step failed. Each step has a time limit: 130 + 50 + 70 + 35 = 285 s.
+# exit status is 1 if any step failed. Each step has a time limit: 130 + 45 + 70 + 30 = 275 s.
 # megatron-core must be importable by $PYTHON (default python3); the repository need not be installed.
 #
 #   tools/gpu_check_train.sh OUTPUT_DIR
@@ -35,10 +35,10 @@ fi
 
 step gpu_tests $((130 * scale)) "$python" -m pytest -q -m gpu -rA -p no:cacheprovider \
     --junitxml "$out/gpu_tests.xml" tests/test_gpu_local.py tests/test_gpu_te.py
-train_benchmark 125m $((50 * scale)) "$small" "${micro[0]}" --spec local --device $device "${peak[@]}" \
+train_benchmark 125m $((45 * scale)) "$small" "${micro[0]}" --spec local --device $device "${peak[@]}" \
     --warmup $warmup --rounds "${rounds[0]}"
 train_benchmark 1.1b $((70 * scale)) "$large" "${micro[1]}" --spec local --device $device "${peak[@]}" \
     --warmup $warmup --rounds "${rounds[1]}"
-step profile_1.1b $((35 * scale)) "$python" tools/profile_train.py --config "$large" --device $device --spec local \
+step profile_1.1b $((30 * scale)) "$python" tools/profile_train.py --config "$large" --device $device --spec local \
     --micro-batch "${micro[1]}" --sharing 0.5 --mode qk --warmup $warmup --steps 3 --output "$out/profile_1.1b.txt"
 gpu_finish
