@@ -49,7 +49,6 @@ from megatron_patches.flops import deepest_layers
 from megatron_patches.hf_conversion import DTYPES, device_and_dtype, hf_config_from_model
 from megatron_patches.scheduler import resolve_target_layers
 
-WARMUP_TOKENS = 4  # a warm-up call runs the prefill and a few decode steps at the case's shapes
 EPAS_KEYS = ("sharing_layers", "sharing_mode", "trained_sharing_layers")
 
 
@@ -232,7 +231,7 @@ def generate_benchmark(args, argv: list[str], program: str = "-m benchmarks.gene
             prompt = torch.randint(0, config.vocab_size, (batch, prompt_length), generator=generator).to(device)
             cases = [(variant, prompt) for variant in rows]
             runs = interleaved(cases, measure, args.warmup, args.rounds,
-                               warm=lambda case: call(case[0], case[1], WARMUP_TOKENS))
+                               warm=lambda case: call(case[0], case[1], args.new_tokens))
             result["records"] += case_rows(config, rows, runs, batch, prompt_length, args.new_tokens, element_size)
             write_json(args.json, result)
     result["complete"] = True
@@ -352,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when there is one")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--seed", type=int, default=0, help="for random weights and prompts")
-    parser.add_argument("--warmup", type=int, default=1, help=f"untimed rounds (generate of {WARMUP_TOKENS} tokens)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the same generate() calls as the timed ones)")
     parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no (batch, prompt) case but the first after this many seconds")

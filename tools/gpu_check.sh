@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one call, sized for one lent GPU without Transformer Engine, apex or
+# network (about 8 minutes on an H200): the environment, then tools/gpu_check_train.sh (GPU tests, training
+# benchmark, profile) and tools/gpu_check_generate.sh (decoding benchmark), each under its own time limit.
+# Results land in OUTPUT_DIR/{train,generate} with one log each, and OUTPUT_DIR/results.tgz holds them all.
+# Where $PYTHON cannot import megatron-core, the wheels in .whl/ (megatron-core's) go into a private folder first.
+#
+#   tools/gpu_check.sh OUTPUT_DIR
+#   PYTHON=.venv/bin/python TRAIN_LIMIT=600 tools/gpu_check.sh out/h100
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTPUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" && out=$(cd "$1" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+python=${PYTHON:-python3}
+export PYTHON=$python PYTHONUNBUFFERED=1
+
+if ! "$python" -c "import megatron.core" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/epas-site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/epas-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # megatron_patches, epas_hf, benchmarks: installed or not
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    git rev-parse HEAD 2> /dev/null
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$python" - << 'EOF'
+import importlib.metadata as metadata, platform
+print("python", platform.python_version())
+for name in ("torch", "megatron-core", "transformers", "transformer-engine", "apex", "flash-attn"):
+    try:
+        print(name, metadata.version(name))
+    except metadata.PackageNotFoundError:
+        print(name, "absent")
+EOF
+} > "$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+status=0
+part() {  # NAME LIMIT_SECONDS: run tools/gpu_check_NAME.sh under its limit, its output in OUTPUT_DIR/NAME.log
+    local name=$1 limit=$2
+    echo "=== $name (limit ${limit} s)"
+    timeout --kill-after 10 "$limit" bash "tools/gpu_check_$name.sh" "$out/$name" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name exit $rc"
+    tail -n 25 "$out/$name.log"
+    ((rc == 0)) || status=1
+}
+part train "${TRAIN_LIMIT:-300}"
+part generate "${GENERATE_LIMIT:-215}"
+
+tar -czf "$out/results.tgz" -C "$out" --exclude results.tgz .
+exit $status
