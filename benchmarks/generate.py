@@ -230,8 +230,7 @@ def generate_benchmark(args, argv: list[str], program: str = "-m benchmarks.gene
             print(f"batch {batch}, prompt {prompt_length}", file=sys.stderr, flush=True)
             prompt = torch.randint(0, config.vocab_size, (batch, prompt_length), generator=generator).to(device)
             cases = [(variant, prompt) for variant in rows]
-            runs = interleaved(cases, measure, args.warmup, args.rounds,
-                               warm=lambda case: call(case[0], case[1], args.new_tokens))
+            runs = interleaved(cases, measure, args.warmup, args.rounds)
             result["records"] += case_rows(config, rows, runs, batch, prompt_length, args.new_tokens, element_size)
             write_json(args.json, result)
     result["complete"] = True

@@ -84,13 +84,13 @@ def metadata(device: str, program: str, argv: list[str], model: str) -> dict:
     }
 
 
-def interleaved(variants: list, measure, warmup: int, rounds: int, warm=None) -> list[list]:
+def interleaved(variants: list, measure, warmup: int, rounds: int) -> list[list]:
     """``measure(variant)`` results per variant over ``rounds`` rounds, each round shifted by one
     (A B C, B C A, ...) so that no variant always runs first or after the same neighbour.
-    ``warmup`` untimed rounds come first, with ``warm(variant)`` (default: ``measure``)."""
+    ``warmup`` rounds of the very same calls come first, their results dropped."""
     for _ in range(warmup):
         for variant in variants:
-            (warm or measure)(variant)
+            measure(variant)
     results = [[] for _ in variants]
     for round_index in range(rounds):
         shift = round_index % len(variants)

@@ -11,10 +11,14 @@ and count 0. ``causal=False`` (the default) counts the full s×s score matrix, w
 implementation without causal-block skipping computes (megatron-core's local
 DotProductAttention), and is the convention that reproduces the paper's Table 1 (see
 tests/test_flops.py). ``causal=True`` halves both attention matmuls, as FlashAttention does.
+``reuses_probabilities=True`` drops Q·K^T from QK-sharing layers, which take their source's
+attention probabilities where attention is unfused (the local spec; see
+:mod:`megatron_patches.sharing_attention`). The paper counts it, as flash attention computes it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 from megatron_patches.config import ModelConfig
@@ -28,6 +32,7 @@ def flops_breakdown(
     mode: str = "qk",
     seq_length: int | None = None,
     causal: bool = False,
+    reuses_probabilities: bool = False,
 ) -> dict[str, int]:
     """Forward matmul FLOPs per token, by component (summed over layers)."""
     if mode not in MODES:
@@ -49,9 +54,12 @@ def flops_breakdown(
 
     # Q·K^T and probs·V: per token s keys × heads × head_dim multiply-adds each.
     attention_per_matmul = s * model.num_attention_heads * d * (1 if causal else 2)
+    attention_matmuls = 2 * model.num_layers
+    if reuses_probabilities and mode == "qk":
+        attention_matmuls -= n_shared
     return {
         "qkv": 2 * h * ((q_rows + 2 * kv_rows) * n_compute + local_rows * n_shared),
-        "attention": 2 * attention_per_matmul * model.num_layers,
+        "attention": attention_per_matmul * attention_matmuls,
         "output_proj": 2 * q_rows * h * model.num_layers,
         "mlp": (2 * h * 2 * model.ffn_hidden_size + 2 * model.ffn_hidden_size * h)
         * model.num_layers,
@@ -65,9 +73,10 @@ def forward_flops_per_token(
     mode: str = "qk",
     seq_length: int | None = None,
     causal: bool = False,
+    reuses_probabilities: bool = False,
 ) -> int:
     """Matmul FLOPs of one forward pass, per token."""
-    return sum(flops_breakdown(model, sharing_layers, mode, seq_length, causal).values())
+    return sum(flops_breakdown(model, sharing_layers, mode, seq_length, causal, reuses_probabilities).values())
 
 
 def training_flops_per_token(
@@ -76,9 +85,10 @@ def training_flops_per_token(
     mode: str = "qk",
     seq_length: int | None = None,
     causal: bool = False,
+    reuses_probabilities: bool = False,
 ) -> int:
     """Matmul FLOPs of one training step, per token: forward plus a backward of twice its cost."""
-    return 3 * forward_flops_per_token(model, sharing_layers, mode, seq_length, causal)
+    return 3 * forward_flops_per_token(model, sharing_layers, mode, seq_length, causal, reuses_probabilities)
 
 
 def sharing_saving(
@@ -87,10 +97,14 @@ def sharing_saving(
     mode: str = "qk",
     seq_length: int | None = None,
     causal: bool = False,
+    reuses_probabilities: bool = False,
 ) -> float:
     """Fraction of training FLOPs that sharing ``sharing_layers`` saves against no sharing."""
-    base = training_flops_per_token(model, (), mode, seq_length, causal)
-    return 1.0 - training_flops_per_token(model, sharing_layers, mode, seq_length, causal) / base
+    flops = functools.partial(
+        training_flops_per_token, model, mode=mode, seq_length=seq_length, causal=causal,
+        reuses_probabilities=reuses_probabilities,
+    )
+    return 1.0 - flops(sharing_layers) / flops(())
 
 
 def deepest_layers(num_layers: int, fraction: float) -> tuple[int, ...]:
@@ -101,6 +115,14 @@ def deepest_layers(num_layers: int, fraction: float) -> tuple[int, ...]:
         raise ValueError(f"sharing fraction must be in [0, 1], got {fraction}")
     count = min(math.floor(fraction * num_layers + 0.5), num_layers - 1)
     return tuple(range(num_layers - count, num_layers))
+
+
+def attention_counting(spec: str) -> dict[str, bool]:
+    """How a layer spec's attention is counted: Transformer Engine's flash attention skips the masked
+    half and recomputes probabilities in every layer; the local spec's unfused attention computes the
+    full score matrix and lets QK-sharing layers reuse their source's probabilities."""
+    flash = spec == "te"
+    return {"causal": flash, "reuses_probabilities": not flash}
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:

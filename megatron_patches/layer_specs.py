@@ -7,7 +7,7 @@ import dataclasses
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_patches.sharing_attention import EPASSelfAttention
+from megatron_patches.sharing_attention import EPASDotProductAttention, EPASSelfAttention
 
 BACKENDS = ("local", "te")
 
@@ -15,11 +15,14 @@ BACKENDS = ("local", "te")
 def epas_layer_spec(sharing_mode: str = "qk", backend: str = "local") -> ModuleSpec:
     """A LLaMA decoder-layer spec whose self-attention can run in EPAS sharing mode.
 
-    ``local`` uses megatron-core's own modules (CPU and GPU); ``te`` uses Transformer Engine
-    (GPU: input norm fused into ``linear_qkv``, flash attention).
+    ``local`` uses megatron-core's own modules (CPU and GPU), with unfused attention whose
+    probabilities qk-mode sharing layers reuse; ``te`` uses Transformer Engine (GPU: input norm
+    fused into ``linear_qkv``, flash attention).
     """
+    core_attention = None
     if backend == "local":
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        core_attention = EPASDotProductAttention
     elif backend == "te":
         if not gpt_layer_specs.HAVE_TE:
             raise ImportError(
@@ -30,10 +33,14 @@ def epas_layer_spec(sharing_mode: str = "qk", backend: str = "local") -> ModuleS
     else:
         raise ValueError(f"spec must be one of {BACKENDS}, got {backend!r}")
     attention = spec.submodules.self_attention
+    submodules = attention.submodules
+    if core_attention is not None:
+        submodules = dataclasses.replace(submodules, core_attention=core_attention)
     attention = dataclasses.replace(
         attention,
         module=EPASSelfAttention,
         params={**attention.params, "sharing_mode": sharing_mode},
+        submodules=submodules,
     )
     return dataclasses.replace(
         spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)

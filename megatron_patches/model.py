@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patches import pipeline
@@ -161,3 +162,13 @@ def build_model(
         rotary_base=run.model.rotary_base,
         vp_stage=vp_stage,
     )
+
+
+def in_training_precision(model: torch.nn.Module, config: TransformerConfig) -> torch.nn.Module:
+    """``model`` as megatron-core trains it in bf16/fp16: inside ``Float16Module``.
+
+    The wrapper casts every parameter, including the norms the local spec builds in fp32, so the
+    mixed-precision optimizer holds them all as half-precision parameters with fp32 main copies
+    (and a checkpoint maps each of them), and returns the loss in fp32. fp32 models are unchanged.
+    """
+    return Float16Module(config, model) if config.bf16 or config.fp16 else model

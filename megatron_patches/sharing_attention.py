@@ -6,6 +6,11 @@ In sharing mode the layer takes the source's Q and K (``qk``) or K and V (``kv``
 cache and multiplies only the V (or Q) rows of its fused ``linear_qkv`` weight, so the
 skipped projections cost nothing and shared tensors are not rotated again. The weights are
 kept whole, so a layer can switch modes between steps without touching the optimizer.
+
+With megatron-core's unfused attention (the local spec) in ``qk`` mode, a sharing layer also
+reuses the source's attention probabilities: the same Q and K give the same softmax(QK^T), so
+only probabilities @ V is left to compute (and to keep for the backward). Flash attention
+(Transformer Engine) never materialises the probabilities, so there every layer recomputes them.
 """
 
 from __future__ import annotations
@@ -17,12 +22,35 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
 )
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_patches.activation_cache import ActivationCache
 
 SHARING_MODES = ("qk", "kv")
+
+
+class EPASDotProductAttention(DotProductAttention):
+    """megatron-core's unfused attention that can also start from given attention probabilities."""
+
+    def context_from_probabilities(self, probabilities: Tensor, value: Tensor) -> Tensor:
+        """The second half of ``DotProductAttention.forward``: dropout, probabilities @ V, [sq, b, hp]."""
+        if not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probabilities = self.attention_dropout(probabilities)
+        else:
+            probabilities = self.attention_dropout(probabilities)
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            value = value.repeat_interleave(groups, dim=2)
+        batch, heads, q_len, k_len = probabilities.shape
+        context = torch.bmm(
+            probabilities.reshape(batch * heads, q_len, k_len),
+            value.reshape(k_len, batch * heads, -1).transpose(0, 1),
+        )
+        context = context.view(batch, heads, q_len, -1).permute(2, 0, 1, 3).contiguous()
+        return context.view(q_len, batch, self.hidden_size_per_partition)
 
 
 class EPASSelfAttention(SelfAttention):
@@ -61,6 +89,14 @@ class EPASSelfAttention(SelfAttention):
         self.publishes = False  # the next layer shares, so this one hands its activations over
         self.activation_cache: ActivationCache | None = None
         self.core_attention.register_forward_pre_hook(self._publish, with_kwargs=True)
+        # same Q and K give the same probabilities, unless a per-layer softmax offset changes them
+        self.shares_probabilities = (
+            sharing_mode == "qk"
+            and isinstance(self.core_attention, EPASDotProductAttention)
+            and config.softmax_type == "vanilla"
+        )
+        if self.shares_probabilities:
+            self.core_attention.scale_mask_softmax.register_forward_hook(self._keep_probabilities)
 
     def _publish(self, module, args, kwargs):
         """Hand the post-RoPE tensors that reach core attention to the following sharing layers."""
@@ -68,6 +104,11 @@ class EPASSelfAttention(SelfAttention):
             query, key, value = args[:3]
             shared = (query, key) if self.sharing_mode == "qk" else (key, value)
             self.activation_cache.put(shared)
+
+    def _keep_probabilities(self, module, args, probabilities):
+        """Hand this block's attention probabilities (before dropout) to its sharing layers."""
+        if self.publishes or self.shares:
+            self.activation_cache.put_probabilities(probabilities)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, **kwargs):
         if not self.shares:
@@ -112,7 +153,11 @@ class EPASSelfAttention(SelfAttention):
                     cp_group=self.pg_collection.cp,
                 )
 
-        if self.checkpoint_core_attention and self.training:
+        probabilities = self.activation_cache.probabilities if self.shares_probabilities else None
+        checkpointed = self.checkpoint_core_attention and self.training
+        if probabilities is not None and not checkpointed:
+            core_attn_out = self.core_attention.context_from_probabilities(probabilities, value)
+        elif checkpointed:
             core_attn_out = self._checkpointed_attention_forward(
                 query, key, value, attention_mask, attention_bias=attention_bias
             )

@@ -20,15 +20,16 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from megatron_patches import checkpointing
 from megatron_patches.config import ConfigError, RunConfig
 from megatron_patches.data import build_datasets, check_data_files, micro_batches
-from megatron_patches.flops import training_flops_per_token
+from megatron_patches.flops import attention_counting, training_flops_per_token
 from megatron_patches.fusions import describe, fusions_of
 from megatron_patches.layer_specs import BACKENDS
 from megatron_patches.metrics import MetricsLogger, peak_memory_gb
-from megatron_patches.model import build_model, transformer_config
+from megatron_patches.model import build_model, in_training_precision, transformer_config
 from megatron_patches.scheduler import SharingScheduler
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -229,6 +230,7 @@ class Trainer:
             )
             if self.run.device == "cuda":
                 model.cuda()
+            model = in_training_precision(model, self.config)
             chunks.append(
                 DistributedDataParallel(self.config, ddp_config, model, disable_bucketing=index > 0)
             )
@@ -253,8 +255,8 @@ class Trainer:
 
     @property
     def models(self) -> list:
-        """The model chunks without their DDP wrappers."""
-        return [chunk.module for chunk in self.chunks]
+        """The model chunks without their DDP (and Float16Module) wrappers."""
+        return unwrap_model(self.chunks)
 
     def _apply_sharing(self) -> None:
         seq_length = self.run.model.seq_length
@@ -283,7 +285,7 @@ class Trainer:
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=self.num_microbatches,
-            seq_length=self.chunks[0].module.p2p_seq_length(self.run.model.seq_length),
+            seq_length=self.models[0].p2p_seq_length(self.run.model.seq_length),
             micro_batch_size=self.run.data.micro_batch_size,
             forward_only=forward_only,
         )
@@ -399,7 +401,7 @@ class Trainer:
             window["seconds"] += time.perf_counter() - step_start
             window["steps"] += 1
             window["flops"] += tokens_per_step * training_flops_per_token(
-                run.model, sharing, run.epas.mode, causal=run.spec == "te"
+                run.model, sharing, run.epas.mode, **attention_counting(run.spec)
             )
             # every step, so plots mark each growth of the region at its exact step
             self.log.scalars(self.iteration, {"epas/num_sharing_layers": len(sharing)})

@@ -63,7 +63,9 @@ def test_train_records(train_json):
         assert len(r["step_times_s"]) == ROUNDS and r["step_time_s"] == statistics.median(r["step_times_s"])
         assert r["step_time_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(tokens / r["step_time_s"])
-        expected_flops = training_flops_per_token(run.model, r["sharing_layers"], r["mode"] or "qk", causal=False)
+        expected_flops = training_flops_per_token(
+            run.model, r["sharing_layers"], r["mode"] or "qk", causal=False, reuses_probabilities=True
+        )
         assert r["flops_per_token"] == expected_flops
         assert r["tflops_per_s"] == pytest.approx(r["tokens_per_s"] * expected_flops / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops_per_s"] / 0.5)

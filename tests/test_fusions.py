@@ -10,7 +10,7 @@ import torch
 
 from megatron_patches import fusions
 from megatron_patches.fusions import OFF_BECAUSE, available_kernels, choose_fusions, describe, fusions_of
-from megatron_patches.model import build_model, transformer_config
+from megatron_patches.model import build_model, in_training_precision, transformer_config
 from tests.model_utils import tiny_run
 
 NOTHING = {"torch_compile": False, "apex_softmax": False, "te_rope": False}
@@ -82,8 +82,13 @@ def test_gpu_config_without_te_or_apex_builds_and_runs_a_bf16_forward(monkeypatc
     run = tiny_run()
     run.device = "cuda"
     config = transformer_config(run)
-    model = build_model(run, config)
+    model = in_training_precision(build_model(run, config), config)
+    # every parameter in bf16, the local spec's torch norms included: the mixed-precision optimizer
+    # maps (and checkpoints) only half-precision parameters
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     tokens = torch.randint(0, 256, (2, 32))
-    logits = model(tokens, torch.arange(32).expand_as(tokens), None)
+    logits = model.module(tokens, torch.arange(32).expand_as(tokens), None)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    loss = model(tokens, torch.arange(32).expand_as(tokens), None, labels=tokens)
+    assert loss.dtype == torch.float32
     assert fusions_of(config) == dict.fromkeys(OFF_BECAUSE, False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_patches import checkpointing, distributed
-from megatron_patches.model import build_model, transformer_config
+from megatron_patches.model import build_model, in_training_precision, transformer_config
 from tests.model_utils import lm_loss, load_weights, random_weights, reference_llama, tiny_run
 from tests.multiprocess import run_workers
 from tests.test_training import TINY, _scalars
@@ -60,12 +60,13 @@ def _start(device: str) -> None:
 
 
 def _gpu_model(mode: str, device: str, stock: bool = False):
-    """A tiny model with the GPU configuration (bf16, the fused kernels this machine has), local spec."""
+    """A tiny model with the GPU configuration (bf16, the fused kernels this machine has), local spec,
+    cast as the trainer casts it (the wrapper itself only converts inputs and outputs)."""
     run = tiny_run(mode)
     run.device, run.model.seq_length = "cuda", SEQ
     config = transformer_config(run)
     model = build_stock_model(run, config) if stock else build_model(run, config)
-    return model.to(device), run
+    return in_training_precision(model.to(device), config).module, run
 
 
 def _batch(vocab: int, device: str):
@@ -92,15 +93,15 @@ def _stock_worker(rank, device):
         differences[name] = {"logits": model(tokens, positions, None).float()}
         lm_loss(model, tokens, labels).backward()
         differences[name].update((n, p.grad.float()) for n, p in model.named_parameters())
-    dtype = str(next(epas.parameters()).dtype)
+    dtypes = sorted({str(p.dtype) for p in [*epas.parameters(), *stock.parameters()]})
     distributed.shutdown()
-    return dtype, {n: (t - differences["stock"][n]).abs().max().item() for n, t in differences["epas"].items()}
+    return dtypes, {n: (t - differences["stock"][n]).abs().max().item() for n, t in differences["epas"].items()}
 
 
 def test_sharing_off_equals_stock_megatron_bitwise_in_bf16():
     """Same weights, same batch: logits and every gradient bit for bit (not only to bf16 rounding)."""
-    ((dtype, differences),) = run_workers(_stock_worker, 1, DEVICE)
-    assert dtype == "torch.bfloat16"
+    ((dtypes, differences),) = run_workers(_stock_worker, 1, DEVICE)
+    assert dtypes == ["torch.bfloat16"]
     assert {name: d for name, d in differences.items() if d != 0} == {}
     assert len(differences) > 20
 

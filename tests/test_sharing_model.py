@@ -200,8 +200,40 @@ def test_skipped_projections_are_not_computed(mode, sharing):
     tokens, _ = _inputs(run.model.vocab_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         _logits(model, tokens)
-    expected = forward_flops_per_token(run.model, sharing, mode, seq_length=SEQ) * BATCH * SEQ
-    assert counter.get_total_flops() == expected
+    expected = forward_flops_per_token(run.model, sharing, mode, seq_length=SEQ, reuses_probabilities=True)
+    assert counter.get_total_flops() == expected * BATCH * SEQ
+
+
+@pytest.mark.parametrize("sharing", [(3, 4, 5), (1, 2, 4, 5)])
+def test_qk_sharing_layers_reuse_the_source_attention_probabilities(sharing):
+    """Unfused attention runs its softmax once per QK block, and gradients still match recomputing it."""
+    run = tiny_run("qk")
+    model = build_model(run)
+    load_weights(model, random_weights(model))
+    softmax_runs = []
+    for layer in model.decoder.layers:
+        layer.self_attention.core_attention.scale_mask_softmax.register_forward_hook(
+            lambda module, args, output, number=layer.layer_number: softmax_runs.append(number - 1)
+        )
+    model.set_sharing_layers(sharing)
+    tokens, labels = _inputs(run.model.vocab_size)
+    reused = _loss_and_grads(model, tokens, labels)
+    assert softmax_runs == [i for i in range(run.model.num_layers) if i not in sharing]
+
+    for layer in model.decoder.layers:  # recompute: every layer runs its own softmax again
+        layer.self_attention.shares_probabilities = False
+    softmax_runs.clear()
+    recomputed = _loss_and_grads(model, tokens, labels)
+    assert softmax_runs == list(range(run.model.num_layers))
+    for name, grad in recomputed.items():
+        torch.testing.assert_close(reused[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _loss_and_grads(model, tokens, labels) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = lm_loss(model, tokens, labels)
+    loss.backward()
+    return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
 @pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])

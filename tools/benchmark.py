@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.utils import unwrap_model
 
 from benchmarks.timing import fractions, gain, interleaved, metadata, modes, print_table, synchronize
 from megatron_patches import distributed
 from megatron_patches.config import ConfigError, RunConfig, load_config
-from megatron_patches.flops import deepest_layers, mfu, training_flops_per_token
+from megatron_patches.flops import attention_counting, deepest_layers, mfu, training_flops_per_token
 from megatron_patches.fusions import describe, fusions_of
-from megatron_patches.model import build_model, transformer_config
+from megatron_patches.model import build_model, in_training_precision, transformer_config
 
 # The benchmark is one process: presets laid out for several GPUs are run unsplit.
 SINGLE_DEVICE = [
@@ -108,13 +109,14 @@ def _train(run: RunConfig, args, argv: list[str]) -> dict:
         epas_run = dataclasses.replace(run, epas=dataclasses.replace(run.epas, mode=mode))
         epas_models[mode] = build_model(epas_run, config).to(run.device)
     weights = epas_models[args.mode[0]].state_dict()
-    for model in epas_models.values():
+    for mode, model in epas_models.items():
         model.load_state_dict(weights)
+        epas_models[mode] = in_training_precision(model, config)  # as the trainer runs it
     variants = []
     if args.stock:
         stock = build_stock_model(run, config).to(run.device)
         stock.load_state_dict(weights)
-        variants.append(TrainVariant("stock", stock, None, 0.0, ()))
+        variants.append(TrainVariant("stock", in_training_precision(stock, config), None, 0.0, ()))
     for mode, model in epas_models.items():
         for fraction in args.sharing:
             layers = deepest_layers(run.model.num_layers, fraction)
@@ -129,7 +131,7 @@ def _train(run: RunConfig, args, argv: list[str]) -> dict:
 
     def step(variant: TrainVariant) -> float:
         if variant.mode is not None:
-            variant.model.set_sharing_layers(variant.sharing_layers)
+            unwrap_model(variant.model).set_sharing_layers(variant.sharing_layers)
         variant.model.zero_grad(set_to_none=True)
         synchronize(run.device)
         start = time.perf_counter()
@@ -141,8 +143,8 @@ def _train(run: RunConfig, args, argv: list[str]) -> dict:
         return elapsed
 
     times = interleaved(variants, step, args.warmup, args.rounds)
-    causal = run.spec == "te"  # flash attention skips the masked half; the trainer counts it so too
-    records = _train_records(run, variants, times, losses, seq, causal, tokens.numel(), args.peak_tflops)
+    counting = attention_counting(run.spec)  # as the trainer counts
+    records = _train_records(run, variants, times, losses, seq, counting, tokens.numel(), args.peak_tflops)
     baselines = {r["mode"]: r for r in records if r["model"] == "epas" and r["sharing_fraction"] == 0.0}
     summary = {}
     if args.stock:
@@ -170,20 +172,23 @@ def _train(run: RunConfig, args, argv: list[str]) -> dict:
             "warmup": args.warmup,
             "rounds": args.rounds,
             "peak_tflops": args.peak_tflops,
-            "flops_causal": causal,
+            "flops_causal": counting["causal"],
+            "flops_reuse_probabilities": counting["reuses_probabilities"],
         },
         "records": records,
         "summary": summary,
     }
 
 
-def _train_records(run, variants, times, losses, seq, causal, tokens_per_step, peak_tflops) -> list[dict]:
+def _train_records(run, variants, times, losses, seq, counting, tokens_per_step, peak_tflops) -> list[dict]:
     """One row per variant; gains are against the same mode at 0% sharing."""
     records = []
     for variant, variant_times in zip(variants, times):
         median = statistics.median(variant_times)
         tokens_per_s = tokens_per_step / median
-        flops = training_flops_per_token(run.model, variant.sharing_layers, variant.mode or "qk", seq, causal)
+        flops = training_flops_per_token(
+            run.model, variant.sharing_layers, variant.mode or "qk", seq, **counting
+        )
         records.append({
             "label": variant.label,
             "model": "stock" if variant.mode is None else "epas",

@@ -26,7 +26,7 @@ from megatron_patches import distributed  # noqa: E402
 from megatron_patches.config import ConfigError, load_config  # noqa: E402
 from megatron_patches.flops import deepest_layers  # noqa: E402
 from megatron_patches.fusions import describe, fusions_of  # noqa: E402
-from megatron_patches.model import build_model  # noqa: E402
+from megatron_patches.model import build_model, in_training_precision, transformer_config  # noqa: E402
 from tools.benchmark import SINGLE_DEVICE  # noqa: E402
 
 
@@ -43,7 +43,9 @@ def profile_steps(args) -> str:
     run = load_config(args.config, [*SINGLE_DEVICE, *options, *args.overrides])
     distributed.initialize(run)
     try:
-        model = build_model(run).to(run.device)
+        config = transformer_config(run)
+        epas = build_model(run, config).to(run.device)
+        model = in_training_precision(epas, config)  # as the trainer runs it
         cuda = run.device == "cuda"
         seq = run.model.seq_length
         tokens = torch.randint(0, run.model.vocab_size, (args.micro_batch, seq), generator=torch.Generator().manual_seed(0))
@@ -63,15 +65,15 @@ def profile_steps(args) -> str:
         m = run.model
         lines = [
             f"{Path(args.config).stem}: {m.num_layers} layers, hidden {m.hidden_size}, seq {seq}, micro-batch "
-            f"{args.micro_batch}, {run.spec} spec, {model.config.params_dtype}, {run.device}"
+            f"{args.micro_batch}, {run.spec} spec, {config.params_dtype}, {run.device}"
             f" ({torch.cuda.get_device_name() if cuda else 'CPU'}), torch {torch.__version__}",
-            describe(fusions_of(model.config), run.device),
+            describe(fusions_of(config), run.device),
         ]
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
         sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
         for fraction in (0.0, args.sharing):
             layers = deepest_layers(m.num_layers, fraction)
-            model.set_sharing_layers(layers)
+            epas.set_sharing_layers(layers)
             for _ in range(args.warmup):
                 step()
             with profile(activities=activities) as profiler:
