@@ -10,7 +10,7 @@ OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
 # The Hugging Face model tests: the model and its cache, conversion, the generate benchmark.
 HF_TESTS := tests/test_hf_model.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
-.PHONY: setup demo demo-finetune test test-oldest test-gpu test-slurm bench-cpu lock
+.PHONY: setup demo demo-finetune test test-quick test-oldest test-gpu test-slurm bench-cpu lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo-finetune:
 
 test:
 	$(BIN)/python -m pytest -q
+
+# The edit loop: the unit tests without the multi-process and end-to-end runs (marker `slow`).
+test-quick:
+	$(BIN)/python -m pytest -q -m "not gpu and not slow"
 
 # The Hugging Face model tests once more with the oldest transformers pyproject.toml allows, in a small
 # second environment (locks/oldest.in); the project itself is installed there without dependencies.

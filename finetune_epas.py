@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from epas import cli
+from epas.config import FinetuneConfig, load_for_entry_point
 from hf_training.finetune import finetune, validate_finetune
-from megatron_patches.config import ConfigError, FinetuneConfig, load_for_entry_point
 
 
 def main(argv=None) -> int:
@@ -23,15 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="a YAML preset (see configs/finetune/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=100")
     args = parser.parse_intermixed_args(argv)
-    config = load_for_entry_point(args.config, args.overrides, validate_finetune, FinetuneConfig)
-    if config is None:
-        return 2
-    try:
-        finetune(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(lambda: finetune(load_for_entry_point(args.config, args.overrides, validate_finetune, FinetuneConfig)))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
-from megatron_patches import distributed
-from megatron_patches.config import ConfigError, load_for_entry_point
-from megatron_patches.training import NonFiniteLossError, pretrain, validate_run
+from epas import cli
+from epas.config import load_for_entry_point
+from megatron_training import distributed
+from megatron_training.trainer import pretrain
+from megatron_training.validation import validate_run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_cpu.yaml")
 
@@ -24,18 +26,16 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=100")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
+    return cli.run(lambda: _pretrain(args))
+
+
+def _pretrain(args) -> None:
     run = load_for_entry_point(args.config, args.overrides, validate_run)
-    if run is None:
-        return 2
     distributed.initialize(run)
     try:
         pretrain(run)
-    except (NonFiniteLossError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     finally:
         distributed.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ from benchmarks.timing import (
 )
 from epas_hf import EpasLlamaConfig, EpasLlamaForCausalLM
 from epas_hf.modeling_epas_llama import CACHE_KEYWORD
-from megatron_patches.config import ConfigError, load_config
-from megatron_patches.flops import deepest_layers
-from megatron_patches.hf_conversion import DTYPES, device_and_dtype, hf_config_from_model
-from megatron_patches.scheduler import resolve_target_layers
+from epas import cli
+from epas.config import load_config
+from epas.errors import ConfigError
+from epas.hf_config import hf_config_from_model
+from epas.scheduler import resolve_target_layers
+from epas.sharing import deepest_layers
 
 EPAS_KEYS = ("sharing_layers", "sharing_mode", "trained_sharing_layers")
 
@@ -159,8 +161,8 @@ def _select(variant: dict) -> None:
         net.set_sharing_layers(variant["layers"])
 
 
-def generate_benchmark(args, argv: list[str], program: str = "-m benchmarks.generate") -> dict:
-    device, dtype = device_and_dtype(args.device, args.dtype)
+def generate_benchmark(args, argv: list[str], program: str) -> dict:
+    device, dtype = cli.device_and_dtype(args.device, args.dtype)
     model, label = load_model(args, dtype, device)
     model.eval()
     config = model.config
@@ -347,8 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_ints, default=[1], help="e.g. 1,32")
     parser.add_argument("--prompt", type=positive_ints, default=[512], help="prompt lengths, e.g. 512,2048")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per sequence (at least 2)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when there is one")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    cli.add_device_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="for random weights and prompts")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the same generate() calls as the timed ones)")
     parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds")
@@ -365,23 +366,20 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--new-tokens must be at least 2: one for the prefill, one or more to time decoding")
 
 
-def run(parser: argparse.ArgumentParser, args, argv: list[str], program: str) -> int:
+def main(argv=None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     check_arguments(parser, args)
-    try:
-        result = generate_benchmark(args, argv, program)
-    except ConfigError as error:
-        parser.error(str(error))
-    status = report(result)
+    return cli.run(lambda: _run(args, argv, prog or "python -m benchmarks.generate"))
+
+
+def _run(args, argv: list[str], program: str) -> int:
+    status = report(generate_benchmark(args, argv, program))
     if args.json:
         print(f"wrote {args.json}")
     return status
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser, parser.parse_args(argv), argv, "-m benchmarks.generate")
 
 
 if __name__ == "__main__":

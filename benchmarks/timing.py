@@ -1,7 +1,7 @@
 """What every benchmark shares: interleaved timing rounds, the machine and versions, a plain table.
 
-Imports only torch and the standard library, so that a benchmark built on it runs where
-megatron-core is not installed.
+Imports only torch, the standard library and the framework-free core, so that a benchmark built on
+it runs where megatron-core is not installed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+
+from epas.sharing import MODES
 
 
 def fractions(text: str) -> list[float]:
@@ -40,7 +42,7 @@ def positive_ints(text: str) -> list[int]:
 
 def modes(text: str) -> list[str]:
     chosen = list(dict.fromkeys(text.split(",")))
-    if any(mode not in ("qk", "kv") for mode in chosen):
+    if any(mode not in MODES for mode in chosen):
         raise argparse.ArgumentTypeError(f"--mode takes qk, kv or qk,kv, got {text!r}")
     return chosen
 
@@ -79,7 +81,7 @@ def metadata(device: str, program: str, argv: list[str], model: str) -> dict:
         "megatron_core": _installed("megatron-core"),
         "transformers": _installed("transformers"),
         "python": platform.python_version(),
-        "command": shlex.join(["python", *shlex.split(program), *argv]),
+        "command": shlex.join(["python", *shlex.split(program.removeprefix("python ")), *argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -1,7 +1,7 @@
 """Trainer callbacks: the EPAS schedule, and saving and stopping as pretrain_epas.py does.
 
 The Trainer's ``global_step`` counts completed optimizer steps, which is exactly what
-megatron_patches.scheduler.SharingScheduler takes, so the region grows at the same steps as in
+epas.scheduler.SharingScheduler takes, so the region grows at the same steps as in
 pretrain_epas.py and a resumed run continues the schedule from its checkpoint's step.
 """
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from megatron_patches.scheduler import SharingScheduler
+from epas.scheduler import SharingScheduler
 
 SCHEDULE_FILE = "epas_schedule.json"
 

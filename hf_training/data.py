@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_patches.config import ConfigError, FinetuneDataConfig
-from megatron_patches.data import TokenIds, check_indexed_files, gpt_datasets
-from tools.preprocess_data import ChunkEncoder, InputError, json_object, read_chunks
+from epas.config import FinetuneDataConfig
+from epas.data.indexed import check_indexed_files
+from epas.data.preprocess import ChunkEncoder, json_object, read_chunks
+from epas.errors import ConfigError, InputError
 
 IGNORE_INDEX = -100
-FORMATS = ("indexed", "text", "chat", "instruction")
 
 
 class GPTWindows(Dataset):
@@ -85,9 +85,7 @@ class PadToLongest:
 
 
 def check_files(data: FinetuneDataConfig) -> None:
-    """Fail before start-up on an unknown format or a missing data file."""
-    if data.format not in FORMATS:
-        raise ConfigError(f"data.format must be one of {FORMATS}, got {data.format!r}")
+    """Fail before start-up on a missing data file."""
     if data.format == "indexed":
         check_indexed_files(data.paths, data.weights, data.split)
         return
@@ -104,6 +102,9 @@ def build_datasets(data: FinetuneDataConfig, tokenizer, tokenizer_source: str, *
                    num_valid_samples: int):
     """Train and validation datasets (validation None when the config has none) for ``data.format``."""
     if data.format == "indexed":
+        # megatron-core's GPTDataset reads the indexed format: imported only for it
+        from megatron_training.data import TokenIds, gpt_datasets
+
         eos = _eos_id(tokenizer, tokenizer_source)
         train, valid = gpt_datasets(
             (data.paths, data.weights), data.split, data.seq_length - 1, seed,

@@ -20,10 +20,11 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from epas_hf import EpasLlamaForCausalLM, write_model_files
-from megatron_patches.config import ConfigError, FinetuneConfig
-from megatron_patches.data import load_tokenizer
-from megatron_patches.hf_conversion import SUPPORTED_MODEL_TYPES
-from megatron_patches.scheduler import SharingScheduler
+from epas.config import FinetuneConfig
+from epas.errors import ConfigError
+from epas.data.tokenizer import load_tokenizer
+from epas.hf_config import read_model_config
+from epas.scheduler import SharingScheduler
 
 from .callbacks import SCHEDULE_FILE, EpasScheduleCallback, SaveAndStopCallback, check_resumed_schedule
 from .data import PadToLongest, build_datasets, check_files
@@ -34,23 +35,11 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_l
                 "inverse-square-root": "inverse_sqrt"}
 
 
-def _model_config(folder) -> dict:
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"model folder '{folder}' has no config.json; give a Hugging Face LLaMA folder or an EPAS "
-                          "export (tools/convert_checkpoint.py megatron-to-hf)")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model folder '{folder}' holds a {config.get('model_type')!r} model; EPAS trains "
-                          f"{' or '.join(SUPPORTED_MODEL_TYPES)} models")
-    return config
-
-
 def validate_finetune(config: FinetuneConfig, world_size: int) -> None:
     """Every check that needs no model weights, so a bad config fails in seconds (ConfigError names the fix)."""
     if config.model is None:
         raise ConfigError("model is not set; give the Hugging Face folder to start from (model=PATH)")
-    model_config = _model_config(config.model)
+    model_config = read_model_config(config.model)
     SharingScheduler(model_config["num_hidden_layers"], config.epas)  # checks the epas section
     data, training, optimizer = config.data, config.training, config.optimizer
     check_files(data)
@@ -160,7 +149,7 @@ def finetune(config: FinetuneConfig) -> Path | None:
         return final_folder
 
     save_and_stop = SaveAndStopCallback(config.training.exit_interval)  # from here on a stop signal saves
-    scheduler = SharingScheduler(_model_config(config.model)["num_hidden_layers"], config.epas)
+    scheduler = SharingScheduler(read_model_config(config.model)["num_hidden_layers"], config.epas)
     if last:
         check_resumed_schedule(last, scheduler)
     tokenizer_source = config.data.tokenizer or config.model

@@ -9,23 +9,13 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from epas.config import RunConfig
+from epas.sharing import check_sharing_layers
 from megatron_patches import pipeline
 from megatron_patches.activation_cache import ActivationCache
-from megatron_patches.config import RunConfig
 from megatron_patches.fusions import choose_fusions
 from megatron_patches.layer_specs import epas_layer_spec
 from megatron_patches.sharing_attention import EPASSelfAttention
-
-
-def check_sharing_layers(layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
-    """Validate 0-based sharing-layer indices and return them sorted."""
-    layers = tuple(sorted(set(layers)))
-    if 0 in layers:
-        raise ValueError("layer 0 cannot share: it has no preceding compute layer")
-    outside = [i for i in layers if not 0 < i < num_layers]
-    if outside:
-        raise ValueError(f"sharing layers {outside} are outside the model's 0..{num_layers - 1}")
-    return layers
 
 
 class EPASGPTModel(GPTModel):
@@ -149,7 +139,7 @@ def build_model(
     post_process: bool = True,
     vp_stage: int | None = None,
 ) -> EPASGPTModel:
-    """Build this rank's EPAS model chunk (call after :func:`megatron_patches.distributed.initialize`)."""
+    """Build this rank's EPAS model chunk (call after :func:`megatron_training.distributed.initialize`)."""
     return EPASGPTModel(
         config=config or transformer_config(run),
         transformer_layer_spec=epas_layer_spec(run.epas.mode, run.spec),

@@ -26,9 +26,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
+from epas.sharing import check_mode
 from megatron_patches.activation_cache import ActivationCache
-
-SHARING_MODES = ("qk", "kv")
 
 
 class EPASDotProductAttention(DotProductAttention):
@@ -74,8 +73,7 @@ class EPASSelfAttention(SelfAttention):
             cp_comm_type=cp_comm_type,
             pg_collection=pg_collection,
         )
-        if sharing_mode not in SHARING_MODES:
-            raise ValueError(f"sharing_mode must be one of {SHARING_MODES}, got {sharing_mode!r}")
+        check_mode(sharing_mode)
         if config.num_query_groups % self.world_size:
             raise ValueError(
                 f"EPAS needs num_query_groups ({config.num_query_groups}) divisible by the "

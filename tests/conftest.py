@@ -13,8 +13,8 @@ import torch
 @pytest.fixture(scope="session")
 def megatron_cpu():
     """A world of one process with megatron-core's parallel groups (TP=PP=1) on CPU."""
-    from megatron_patches import distributed
-    from megatron_patches.config import RunConfig
+    from megatron_training import distributed
+    from epas.config import RunConfig
 
     distributed.initialize(RunConfig(device="cpu"))
     yield

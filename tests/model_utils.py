@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches.config import EPASConfig, ModelConfig, ParallelConfig, RunConfig
+from epas.config import EPASConfig, ModelConfig, ParallelConfig, RunConfig
 from tests.epas_reference import ReferenceLlama
 
 
@@ -56,7 +56,13 @@ def tp_shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tenso
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest deviation over the largest value: one wrong entry shows."""
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def frobenius_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative error in the Frobenius norm: rounding (bf16) averages out, a wrong tensor does not."""
+    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

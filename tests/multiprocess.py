@@ -12,7 +12,7 @@ from queue import Empty
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -39,7 +39,7 @@ def run_workers(fn, world_size: int, *args, timeout: float = 600) -> list:
     """
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [
         context.Process(target=_entry, args=(fn, rank, world_size, port, queue, args))
         for rank in range(world_size)
@@ -71,3 +71,13 @@ def run_workers(fn, world_size: int, *args, timeout: float = 600) -> list:
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[rank] for rank in range(world_size)]
+
+
+def train_worker(rank, run):
+    """One rank of a pretraining run (for :func:`run_workers`)."""
+    from megatron_training import distributed
+    from megatron_training.trainer import Trainer
+
+    distributed.initialize(run)
+    Trainer(run).train()
+    distributed.shutdown()

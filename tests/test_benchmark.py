@@ -1,4 +1,4 @@
-"""tools/benchmark.py train and tools/plot_benchmark.py on tiny CPU models (generate: test_generate_benchmark.py).
+"""benchmarks.train (tools/benchmark.py train) and benchmarks.plot on tiny CPU models (generate: test_generate_benchmark.py).
 
 The numbers are checked against their definitions (medians, gains, the FLOP model, the cache
 layout), the stock model against EPAS at 0% (the basis of the overhead figure), and the
@@ -17,12 +17,14 @@ from matplotlib.image import imread
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.attention import SelfAttention
 
-from megatron_patches.config import load_config
-from megatron_patches.flops import training_flops_per_token
+from epas.config import load_config
+from epas.flops import training_flops_per_token
 from megatron_patches.model import build_model, transformer_config
 from tests.model_utils import lm_loss, load_weights, random_weights, tiny_run
 from tests.multiprocess import run_workers
-from tools import benchmark, plot_benchmark
+from benchmarks import __main__ as benchmark
+from benchmarks import plot as plot_benchmark
+from benchmarks.train import build_stock_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -30,7 +32,7 @@ ROUNDS, MICRO_BATCH = 2, 2
 LABELS = ["stock", "qk 0%", "qk 50%", "kv 0%", "kv 50%"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # multi-process or end-to-end
 
 
 def _train_worker(rank, json_path):
@@ -40,7 +42,7 @@ def _train_worker(rank, json_path):
         "train", "--config", TINY, "--sharing", "0.5", "--mode", "qk,kv", "--warmup", "1",
         "--rounds", str(ROUNDS), "--micro-batch", str(MICRO_BATCH), "--peak-tflops", "0.5",
         "--json", str(json_path), "data.mock=true",
-    ])
+    ], prog="tools/benchmark.py")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_train_stock_loss_equals_epas_at_zero(train_json):
 def test_stock_model_is_plain_megatron_with_the_same_loss():
     run = tiny_run("kv")
     run.model.rotary_base, run.model.tie_embeddings = 500000.0, True  # not megatron-core's defaults
-    epas, stock = build_model(run), benchmark.build_stock_model(run, transformer_config(run))
+    epas, stock = build_model(run), build_stock_model(run, transformer_config(run))
     assert type(stock) is GPTModel
     assert all(type(layer.self_attention) is SelfAttention for layer in stock.decoder.layers)
     load_weights(epas, random_weights(epas))

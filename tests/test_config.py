@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from megatron_patches.config import ConfigError, FinetuneConfig, load_config, to_dict
+from epas.config import FinetuneConfig, config_reference, field_docs, load_config, to_dict
+from epas.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 FINETUNE_CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs", "finetune").glob("*.yaml"))
@@ -43,11 +45,38 @@ def test_overrides_are_typed():
         ("epas.sharing_layers=3", "epas.sharing_layers must be a list"),
         ("model.num_layers", "must look like section.key=value"),
         ("model.num_attention_heads=3", "not divisible by model.num_attention_heads=3"),
+        # choices are checked by type (Literal), each section by its own validate()
+        ("epas.mode=qv", "epas.mode must be one of ('qk', 'kv'), got 'qv'"),
+        ("optimizer.decay_style=cosin", "optimizer.decay_style must be one of ('constant', 'linear', 'cosine'"),
+        ("training.recompute=partial", "training.recompute must be one of ('selective', 'full'), got 'partial'"),
+        ("spec=flash", "spec must be one of ('local', 'te'), got 'flash'"),
+        ("epas.interval=0", "epas.interval must be at least 1, got 0"),
     ],
 )
 def test_mistakes_are_named(override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_finetune_choices_are_checked():
+    with pytest.raises(ConfigError, match=r"data\.format must be one of \('indexed', 'text', 'chat', 'instruction'\)"):
+        load_config(None, ["data.format=csv"], schema=FinetuneConfig)
+
+
+def test_the_key_reference_is_generated_from_the_schema():
+    """docs/CONFIG.md is the schema's own description: regenerate it with `python -m epas.config`."""
+    path = Path(__file__).parent.parent / "docs" / "CONFIG.md"
+    assert path.read_text() == config_reference(), "docs/CONFIG.md is stale: python -m epas.config > docs/CONFIG.md"
+    assert "| `epas.mode` | 'qk' \\| 'kv' | `qk` |" in path.read_text()
+
+
+def test_field_docs_come_from_the_comments():
+    from epas.config import ParallelConfig, TrainingConfig
+
+    docs = field_docs(ParallelConfig)
+    assert docs["first_stage_layers"].startswith("uneven pipelines: layers on the first / last stage")
+    assert docs["last_stage_layers"] == "layers on the last stage (uneven pipelines)"
+    assert field_docs(TrainingConfig)["recompute"] == 'null, "selective" (core attention) or "full"'
 
 
 def test_unknown_key_in_yaml(tmp_path):

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from megatron_patches.data import load_tokenizer
+from epas.data.tokenizer import load_tokenizer
 from tests.test_hf_model import epas_model, export
-from tools.evaluate import DEFAULT_METRICS, EvaluationError, main, markdown_table, pick_metric, plot, sharing_sets
-from tools.build_demo_corpus import train_tokenizer
-from tools.preprocess_data import preprocess
+from analysis.evaluate import DEFAULT_METRICS, main, markdown_table, pick_metric, plot, sharing_sets
+from epas.errors import InputError
+from epas.data.demo_corpus import train_tokenizer
+from epas.data.preprocess import preprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,11 +263,11 @@ def test_sharing_lengths_count_from_the_deep_end_of_the_trained_region():
     assert sharing_sets(8, [2, 3, 4], [1], False) == {1: [4]}  # a region away from the last layer
     assert sharing_sets(8, None, [0], False) == {0: []}
     assert sharing_sets(8, None, [2, 7], True) == {2: [6, 7], 7: [1, 2, 3, 4, 5, 6, 7]}
-    with pytest.raises(EvaluationError, match=r"lengths \[6\].*trained to share 5 layers.*--allow-untrained"):
+    with pytest.raises(InputError, match=r"lengths \[6\].*trained to share 5 layers.*--allow-untrained"):
         sharing_sets(8, [3, 4, 5, 6, 7], [0, 6], False)
-    with pytest.raises(EvaluationError, match="records no trained sharing region"):
+    with pytest.raises(InputError, match="records no trained sharing region"):
         sharing_sets(8, None, [1], False)
-    with pytest.raises(EvaluationError, match="layer 0 has no source"):
+    with pytest.raises(InputError, match="layer 0 has no source"):
         sharing_sets(8, None, [8], True)
 
 
@@ -281,7 +282,7 @@ def _not_epas_folder(setup, tmp_path) -> str:
 @pytest.mark.parametrize("make_args, message", [
     (lambda s, t: [str(t / "missing"), "--sharing-lengths", "0", "--valid-data", str(s.valid)], "does not exist"),
     (lambda s, t: [_not_epas_folder(s, t), "--sharing-lengths", "0", "--valid-data", str(s.valid)],
-     "neither an EPAS export"),
+     "holds a 'gpt2' model"),
     (lambda s, t: [str(s.folder), "--sharing-lengths", "0,4", "--valid-data", str(s.valid)],
      r"lengths \[4\] exceed the trained region"),
     (lambda s, t: [str(s.folder), "--sharing-lengths", "0", "--valid-data", str(t / "nodata")],

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patches.config import EPASConfig, FinetuneDataConfig
-from megatron_patches.scheduler import SharingScheduler
+from epas.config import EPASConfig, FinetuneDataConfig
+from epas.scheduler import SharingScheduler
 from tests.model_utils import relative_error
 from tests.multiprocess import run_workers
 from tests.test_hf_conversion import _convert_worker, _layout_logits, _tokens, _write_tokenizer
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 200
@@ -48,7 +50,7 @@ def workspace(tmp_path_factory):
     """A plain random LLaMA folder with a word-level tokenizer, and jsonl and indexed data."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tools.preprocess_data import preprocess
+    from epas.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("finetune")
     torch.manual_seed(0)
@@ -130,7 +132,7 @@ def test_two_processes_lower_the_loss_and_grow_the_region_on_schedule(request, r
 
 
 def test_tensorboard_and_plots_show_the_run(workspace, zero2_run):
-    from tools.plot_runs import SHARING, plot_runs, read_scalars
+    from analysis.plot_runs import SHARING, plot_runs, read_scalars
 
     scalars = read_scalars(workspace / "zero2" / "tb")
     steps, sizes = scalars[SHARING]
@@ -197,7 +199,7 @@ def test_launcher_runs_the_trainer_path_and_forwards_sigusr1(workspace):
 def test_resuming_with_another_schedule_is_refused(workspace, zero2_run):
     code, output = _finetune(workspace, "zero2", "epas.interval=5", "training.train_steps=30", processes=1,
                              check=False)
-    assert code == 1 and "the checkpoint's EPAS schedule has interval=6 but this run has interval=5" in output
+    assert code == 2 and "the checkpoint's EPAS schedule has interval=6 but this run has interval=5" in output
 
 
 def test_final_folder_gives_megatron_the_same_logits(workspace, zero3_run):
@@ -223,7 +225,7 @@ def test_final_folder_gives_megatron_the_same_logits(workspace, zero3_run):
 
 
 def _tokenizer(workspace, chat: bool = True):
-    from megatron_patches.data import load_tokenizer
+    from epas.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(workspace / "llama")
     if chat:
@@ -311,7 +313,7 @@ def test_sft_from_an_epas_export_learns_the_responses(workspace, tmp_path, zero3
     (["data.global_batch_size=6"], "data.global_batch_size=6 is not a multiple"),
     (["optimizer.decay_style=linear"], "optimizer.decay_style='linear' is not available"),
     (["training.deepspeed=/nonexistent.json"], "training.deepspeed file '/nonexistent.json' not found"),
-    (["model=/nonexistent"], "model folder '/nonexistent' has no config.json"),
+    (["model=/nonexistent"], "model folder /nonexistent does not exist"),
     (["epas.num_sharing_layers=7"], "do not fit in 6 layers"),
     (["trainig.train_steps=3"], "did you mean 'training'"),
 ])

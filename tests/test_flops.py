@@ -8,15 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_patches.config import ModelConfig, load_config
-from megatron_patches.flops import (
-    deepest_layers,
+from epas.config import ModelConfig, load_config
+from epas.flops import (
     flops_breakdown,
     forward_flops_per_token,
     mfu,
     sharing_saving,
     training_flops_per_token,
 )
+from epas.sharing import deepest_layers
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER_SEQ = 2048
@@ -139,7 +139,7 @@ def test_invalid_arguments():
         forward_flops_per_token(TINY, (1,), "qv")
     with pytest.raises(ValueError, match="layer 0"):
         forward_flops_per_token(TINY, (0,))
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"\[4\] are outside the model's 0\.\.3"):
         forward_flops_per_token(TINY, (4,))
 
 

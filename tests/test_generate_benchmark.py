@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from benchmarks import generate
-from tools import benchmark, plot_benchmark
+from benchmarks import __main__ as benchmark
+from benchmarks import plot as plot_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")  # 6 layers, 2 KV heads of 32 dims, trained region 3..5
@@ -84,8 +85,7 @@ def test_llama_anchor_is_the_same_model_as_epas_at_zero():
 
 def test_refuses_untrained_layers_unless_allowed(tmp_path, capsys):
     path = tmp_path / "untrained.json"
-    with pytest.raises(SystemExit):
-        _generate(path, "--sharing", "0.67", "--no-anchor")
+    assert _generate(path, "--sharing", "0.67", "--no-anchor") == 2
     assert "--allow-untrained" in capsys.readouterr().err and not path.exists()
     assert _generate(path, "--sharing", "0.67", "--allow-untrained", "--rounds", "1", "--mode", "kv",
                      "--no-anchor") == 0
@@ -104,12 +104,13 @@ def test_tools_benchmark_generate_is_the_same_command(tmp_path):
     path = tmp_path / "via_tools.json"
     assert benchmark.main(["generate", "--random-init", TINY, "--sharing", "0.5", "--mode", "qk", "--batch", "1",
                            "--prompt", "4", "--new-tokens", "2", "--warmup", "0", "--rounds", "1",
-                           "--device", "cpu", "--json", str(path)]) == 0
+                           "--device", "cpu", "--json", str(path)], prog="tools/benchmark.py") == 0
     result = json.loads(path.read_text())
     assert [r["label"] for r in result["records"]] == ["llama", "epas 0%", "qk 50%"]
     assert result["metadata"]["command"].startswith("python tools/benchmark.py generate")
 
 
+@pytest.mark.slow
 def test_device_script_dry_run_needs_no_megatron(tmp_path):
     """The device script at tiny CPU shapes, with every import of megatron made to fail."""
     poison = tmp_path / "poison" / "megatron"
@@ -132,6 +133,5 @@ def test_plot_is_written(generate_json, tmp_path):
     assert (tmp_path / "generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train_like = tmp_path / "train.json"
     train_like.write_text(json.dumps({"benchmark": "train", "records": []}))
-    with pytest.raises(SystemExit):
-        plot_benchmark.main([str(train_like), str(generate_json), "--output", str(tmp_path / "mixed.png")])
+    assert plot_benchmark.main([str(train_like), str(generate_json), "--output", str(tmp_path / "mixed.png")]) == 2
     assert not (tmp_path / "mixed.png").exists()

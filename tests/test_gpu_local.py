@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_patches import checkpointing, distributed
+from megatron_training import checkpointing, distributed
 from megatron_patches.model import build_model, in_training_precision, transformer_config
-from tests.model_utils import lm_loss, load_weights, random_weights, reference_llama, tiny_run
+from tests.model_utils import frobenius_error, lm_loss, load_weights, random_weights, reference_llama, tiny_run
 from tests.multiprocess import run_workers
 from tests.test_training import TINY, _scalars
-from tools.benchmark import build_stock_model
+from benchmarks.train import build_stock_model
 
 DEVICE = os.environ.get("EPAS_GPU_TESTS_DEVICE", "cuda")
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,11 +42,6 @@ BATCH, SEQ = 2, 64  # 16 < seq <= 4096: where megatron-core would pick apex's fu
 # itself moves the logits by 0.34 or more.
 LOGITS_TOLERANCE = 0.06
 GRAD_TOLERANCE = 0.12
-
-
-def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative error in the Frobenius norm: bf16 rounding averages out, a wrong tensor does not."""
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def _start(device: str) -> None:
@@ -135,17 +130,17 @@ def _sharing_worker(rank, device, cases):
         F.cross_entropy(expected.flatten(0, 1), labels.cpu().flatten()).backward()
         expected_grads = reference.megatron_grads()
         source_name = f"decoder.layers.{sharing[0] - 1}.self_attention.linear_qkv.weight"
-        grad_errors = {n: _error(g, expected_grads[n]) for n, g in grads.items()}
+        grad_errors = {n: frobenius_error(g, expected_grads[n]) for n, g in grads.items()}
         worst = max(grad_errors, key=grad_errors.get)
         with torch.no_grad():
             no_sharing = reference(tokens.cpu())
         results.append({
             "case": (mode, sharing),
-            "logits_error": _error(logits.detach(), expected.detach()),
-            "sharing_effect": _error(no_sharing, expected.detach()),
+            "logits_error": frobenius_error(logits.detach(), expected.detach()),
+            "sharing_effect": frobenius_error(no_sharing, expected.detach()),
             "grad_error": (worst, grad_errors[worst]),
             "source_grad_error": grad_errors[source_name],
-            "source_grad_without_sharing": _error(source_grad_without_sharing, expected_grads[source_name]),
+            "source_grad_without_sharing": frobenius_error(source_grad_without_sharing, expected_grads[source_name]),
         })
     distributed.shutdown()
     return results

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from megatron_patches import distributed
+from megatron_training import distributed
 from megatron_patches.model import build_model, transformer_config
 from tests.model_utils import load_weights, random_weights, relative_error, tiny_run
 from tests.multiprocess import run_workers

@@ -11,13 +11,16 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_patches import checkpointing, distributed
-from megatron_patches.config import ConfigError, RunConfig, from_dict, load_config
+from megatron_training import checkpointing, distributed
+from epas.config import RunConfig, from_dict, load_config
+from epas.errors import ConfigError
 from megatron_patches.model import build_model, transformer_config
-from megatron_patches.training import Trainer
+from megatron_training.trainer import Trainer
 from tests.model_utils import relative_error
-from tests.multiprocess import run_workers
-from tools import convert_checkpoint
+from tests.multiprocess import run_workers, train_worker
+from megatron_training import convert as convert_checkpoint
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
 VOCAB, SEQ = 200, 12  # 200 is padded to 256 rows inside megatron-core
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml")
@@ -117,12 +120,6 @@ def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path, groups,
     assert relative_error(_layout_logits(tmp_path / "ckpt", tp=2, pp=2), expected) < 1e-5
 
 
-def _train_worker(rank, run):
-    distributed.initialize(run)
-    Trainer(run).train()
-    distributed.shutdown()
-
-
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_megatron_to_hf_with_sharing_from_tp2_pp2_training(tmp_path, mode):
     from transformers import AutoModelForCausalLM
@@ -135,7 +132,7 @@ def test_megatron_to_hf_with_sharing_from_tp2_pp2_training(tmp_path, mode):
         "epas.interval=1", "training.train_steps=3", "optimizer.warmup_steps=1",
         "training.eval_interval=0", f"checkpoint.dir={tmp_path / 'ckpt'}",
     ])
-    run_workers(_train_worker, 4, run)  # after 3 steps layers 3, 4, 5 share: 3|4 is a stage boundary
+    run_workers(train_worker, 4, run)  # after 3 steps layers 3, 4, 5 share: 3|4 is a stage boundary
     assert run_workers(_convert_worker, 1, ["megatron-to-hf", "--input", str(tmp_path / "ckpt"),
                                             "--output", str(tmp_path / "hf"), "--dtype", "float32"]) == [0]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from epas_hf import EpasCache, EpasLlamaConfig, EpasLlamaForCausalLM, write_model_files
 from epas_hf.modeling_epas_llama import CACHE_KEYWORD, EpasLayerCache
 from tests.epas_reference import ReferenceLlama
+from tests.model_utils import frobenius_error
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB = 4, 64, 4, 128, 128
 HEAD_DIM = HIDDEN // HEADS
@@ -70,10 +71,6 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 def cache_of(output) -> EpasCache | None:
     """The cache an output carries, under the name of the installed transformers ("cache" or "past_key_values")."""
     return getattr(output, CACHE_KEYWORD)
@@ -116,12 +113,12 @@ def test_sharing_off_equals_transformers_llama(groups, tied, rope_scaling):
     labels[1, 5:] = -100
     with torch.no_grad():
         ours, theirs = epas(ids, labels=labels), llama(ids, labels=labels)
-        assert relative_error(ours.logits, theirs.logits) < 1e-5
-        assert relative_error(ours.loss, theirs.loss) < 1e-5
+        assert frobenius_error(ours.logits, theirs.logits) < 1e-5
+        assert frobenius_error(ours.loss, theirs.loss) < 1e-5
         padded_epas = epas(ids, attention_mask=mask).logits
         padded_llama = llama(ids, attention_mask=mask).logits
     real = mask.bool()
-    assert relative_error(padded_epas[real], padded_llama[real]) < 1e-5
+    assert frobenius_error(padded_epas[real], padded_llama[real]) < 1e-5
     assert torch.isfinite(padded_epas).all()  # padding rows too: nothing NaN to leak into later layers
 
 
@@ -180,8 +177,8 @@ def test_sharing_equals_reference(mode, groups, sharing):
         logits = model(ids).logits
         expected = reference(ids, sharing_layers=sharing, mode=mode)
         unshared = reference(ids)
-    assert relative_error(logits, expected) < 1e-5
-    assert relative_error(logits, unshared) > 1e-2  # sharing does change the function
+    assert frobenius_error(logits, expected) < 1e-5
+    assert frobenius_error(logits, unshared) > 1e-2  # sharing does change the function
 
     computed = {"qk": {"v_proj"}, "kv": {"q_proj"}}[mode]
     for (layer, name), count in calls.items():
@@ -232,7 +229,7 @@ def test_generate_with_cache_equals_without(sharing, mode, cache_chunk):
     assert torch.equal(cached.sequences, uncached.sequences)
     assert len(cached.logits) == len(uncached.logits) == 6
     for step_cached, step_uncached in zip(cached.logits, uncached.logits):
-        assert relative_error(step_cached, step_uncached) < 1e-5
+        assert frobenius_error(step_cached, step_uncached) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])
@@ -270,7 +267,7 @@ def test_chunked_forward_with_cache_equals_full_forward(sharing, mode):
             full = model(ids, attention_mask=attention_mask).logits
             cache = cache_of(model(ids[:, :6], attention_mask=first, use_cache=True))
             rest = model(ids[:, 6:], attention_mask=attention_mask, past_key_values=cache).logits
-            assert relative_error(rest, full[:, 6:]) < 1e-5
+            assert frobenius_error(rest, full[:, 6:]) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])
@@ -317,10 +314,10 @@ def test_cropped_and_selected_cache_continue_like_fresh_ones(mode):
             cache = cache_of(model(ids[:, :7], use_cache=True))
             cache.crop(crop)
             assert cache.get_seq_length() == 5
-            assert relative_error(model(ids[:, 5:], past_key_values=cache).logits, full[:, 5:]) < 1e-5
+            assert frobenius_error(model(ids[:, 5:], past_key_values=cache).logits, full[:, 5:]) < 1e-5
         cache = cache_of(model(ids[:, :5], use_cache=True))
         cache.batch_select_indices(torch.tensor([1]))
-        assert relative_error(model(ids[1:, 5:], past_key_values=cache).logits, full[1:, 5:]) < 1e-5
+        assert frobenius_error(model(ids[1:, 5:], past_key_values=cache).logits, full[1:, 5:]) < 1e-5
 
 
 # ---- 5. save, export with the model files, load with trust_remote_code ---------------------------------------
@@ -364,7 +361,7 @@ def test_export_round_trip_chooses_sharing_at_load_time(tmp_path):
     assert loaded.config.sharing_layers == [2, 3] and loaded.config.trained_sharing_layers == [2, 3]
     ids = tokens(2, 10)
     with torch.no_grad():
-        assert relative_error(loaded(ids).logits, reference_from(model)(ids, [2, 3])) < 1e-5
+        assert frobenius_error(loaded(ids).logits, reference_from(model)(ids, [2, 3])) < 1e-5
         for sharing in ([3], []):
             loaded.set_sharing_layers(sharing)
             model.set_sharing_layers(sharing)
@@ -399,9 +396,9 @@ def test_plain_llama_checkpoint_loads(tmp_path):
     with torch.no_grad():
         expected = llama(ids).logits
         epas = EpasLlamaForCausalLM.from_pretrained(tmp_path).eval()
-        assert relative_error(epas(ids).logits, expected) < 1e-5
+        assert frobenius_error(epas(ids).logits, expected) < 1e-5
         shared = EpasLlamaForCausalLM.from_pretrained(tmp_path, sharing_layers=[3], sharing_mode="kv").eval()
-        assert relative_error(shared(ids).logits, reference_from(shared)(ids, [3], "kv")) < 1e-5
+        assert frobenius_error(shared(ids).logits, reference_from(shared)(ids, [3], "kv")) < 1e-5
 
 
 # ---- 6. errors and warnings ----------------------------------------------------------------------------------
@@ -472,4 +469,4 @@ def test_left_padded_batch_generation_equals_single(sharing, mode):
         single = greedy(model, prompt[None])
         assert torch.equal(batched.sequences[row, width:], single.sequences[0, len(prompt) :]), row
         for step_batched, step_single in zip(batched.logits, single.logits):
-            assert relative_error(step_batched[row], step_single[0]) < 1e-5
+            assert frobenius_error(step_batched[row], step_single[0]) < 1e-5

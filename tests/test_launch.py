@@ -16,13 +16,15 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from tests.multiprocess import free_port
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
@@ -31,12 +33,6 @@ WRAPPERS = [SLURM_DIR / "llama2_7b_epas.sbatch", SLURM_DIR / "tinyllama_cpt.sbat
 SCRIPTS = [TORCHRUN_SH, SLURM_DIR / "epas.sbatch", *WRAPPERS, REPO / "tests" / "slurm" / "run.sh"]
 TINY = ["--config", "configs/tiny_cpu.yaml", "data.mock=true", "optimizer.warmup_steps=2"]
 TIMEOUT = 240  # seconds for one two-node run (about 25 s on a 2-core machine)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tool(name: str) -> str | None:
@@ -53,7 +49,7 @@ class TwoNodes:
         env.update(
             NNODES="2",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
             RDZV_ID=f"test-{os.getpid()}-{tmp_path.name}",
             PYTHON=sys.executable,
             OMP_NUM_THREADS="1",  # two trainers share the cores
@@ -240,8 +236,8 @@ def _wrapper_launch(path: Path) -> tuple[dict[str, str], str, list[str]]:
 
 @pytest.mark.parametrize("wrapper", WRAPPERS, ids=lambda p: p.name)
 def test_ready_slurm_scripts_have_a_valid_layout(wrapper):
-    from megatron_patches.config import load_config
-    from megatron_patches.training import validate_run
+    from epas.config import load_config
+    from megatron_training.validation import validate_run
 
     options, preset, overrides = _wrapper_launch(wrapper)
     # SLURM reads #SBATCH lines from the submitted file only: the pre-emption design must be here

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import pytest
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patches import distributed, pipeline
+from megatron_patches import pipeline
+from megatron_training import distributed
 from megatron_patches.model import build_model, transformer_config
 from tests.model_utils import load_weights, random_weights, relative_error, tiny_run, tp_shard
 from tests.multiprocess import run_workers
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
 LAYERS, MICRO_BATCHES, MICRO_BATCH, SEQ = 8, 4, 2, 16
 # One block spanning three chunks under PP=4 / VPP, plus a block local to the last stage.

@@ -9,7 +9,8 @@ import pytest
 from matplotlib.image import imread
 from torch.utils.tensorboard import SummaryWriter
 
-from tools.plot_runs import PlotError, main, plot_runs, read_scalars, sharing_changes
+from analysis.plot_runs import main, plot_runs, read_scalars, sharing_changes
+from epas.errors import InputError
 
 STEPS = 60
 GROWTH = [(15, 1), (30, 2), (45, 3)]  # (step, sharing layers from then on)
@@ -77,13 +78,13 @@ def test_resumed_run_keeps_latest_write(tmp_path):
 
 
 def test_missing_run_dir(tmp_path):
-    with pytest.raises(PlotError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         plot_runs([tmp_path / "nope"], tmp_path / "plots")
 
 
 def test_no_event_files(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PlotError, match="no TensorBoard event files"):
+    with pytest.raises(InputError, match="no TensorBoard event files"):
         plot_runs([tmp_path / "empty"], tmp_path / "plots")
 
 
@@ -92,12 +93,12 @@ def test_run_without_train_loss_names_run_and_tags(runs, tmp_path):
     writer = SummaryWriter(str(other))
     writer.add_scalar("train/lr", 1e-4, 1)
     writer.close()
-    with pytest.raises(PlotError, match=r"run .*other has no train/loss; its scalar tags: \['train/lr'\]"):
+    with pytest.raises(InputError, match=r"run .*other has no train/loss; its scalar tags: \['train/lr'\]"):
         plot_runs([runs[0], other], tmp_path / "plots")
 
 
 def test_label_count_mismatch(runs, tmp_path, capsys):
-    with pytest.raises(PlotError, match="1 labels for 2 run directories"):
+    with pytest.raises(InputError, match="1 labels for 2 run directories"):
         plot_runs(runs, tmp_path / "plots", labels=["only"])
     assert main([str(runs[0]), str(runs[1]), "--labels", "only", "--output", str(tmp_path)]) == 2
     assert "error: 1 labels for 2 run directories" in capsys.readouterr().err

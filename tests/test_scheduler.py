@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_patches import distributed
-from megatron_patches.config import ConfigError, EPASConfig, RunConfig
-from megatron_patches.scheduler import SharingScheduler, resolve_target_layers
+from megatron_training import distributed
+from epas.config import EPASConfig, RunConfig
+from epas.errors import ConfigError
+from epas.scheduler import SharingScheduler, resolve_target_layers
 from tests.multiprocess import run_workers
 
 
@@ -56,9 +57,9 @@ def test_resume_mid_schedule_is_exact():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(sharing_layers=[0, 3]), "contains layer 0"),
-        (dict(sharing_layers=[3, 8]), r"\[8\] are outside the model's layers 0\.\.7"),
-        (dict(sharing_layers=[-1]), "outside the model's layers"),
+        (dict(sharing_layers=[0, 3]), "epas.sharing_layers: layer 0 cannot share"),
+        (dict(sharing_layers=[3, 8]), r"epas.sharing_layers: sharing layers \[8\] are outside the model's 0\.\.7"),
+        (dict(sharing_layers=[-1]), "outside the model's 0..7"),
         (dict(sharing_layers=[3, 3]), "lists a layer twice"),
         (dict(num_sharing_layers=3, growth=2), "not a multiple of epas.growth=2"),
         (dict(num_sharing_layers=2, interval=0), "epas.interval must be at least 1"),
@@ -90,6 +91,7 @@ def _agreement_worker(rank, extra_steps_on_rank1):
         distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_ranks_are_checked_for_agreement():
     assert run_workers(_agreement_worker, 2, 0) == ["agree", "agree"]
     for result in run_workers(_agreement_worker, 2, 1):

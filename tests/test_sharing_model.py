@@ -13,7 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_patches.flops import forward_flops_per_token
+from epas.flops import forward_flops_per_token
 from megatron_patches.model import build_model, transformer_config
 from megatron_patches.sharing_attention import _fused_input_norm
 from tests.model_utils import lm_loss, load_weights, random_weights, reference_llama, relative_error, tiny_run

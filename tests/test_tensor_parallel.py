@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_patches import distributed
+from megatron_training import distributed
 from megatron_patches.model import build_model
 from tests.model_utils import lm_loss, load_weights, random_weights, relative_error, tiny_run, tp_shard
 from tests.multiprocess import run_workers
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
 SHARING = {"qk": (2, 3, 5), "kv": (3, 4, 5)}
 

@@ -12,10 +12,14 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_patches import checkpointing, distributed
-from megatron_patches.config import ConfigError, load_config
-from megatron_patches.training import NonFiniteLossError, Trainer, validate_run
-from tests.multiprocess import run_workers
+from megatron_training import checkpointing, distributed
+from epas.config import load_config
+from epas.errors import ConfigError
+from megatron_training.trainer import NonFiniteLossError, Trainer
+from megatron_training.validation import validate_run
+from tests.multiprocess import run_workers, train_worker
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -45,12 +49,6 @@ def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
     events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {event.step: event.value for event in events.Scalars(tag)}
-
-
-def _train_worker(rank, run):
-    distributed.initialize(run)
-    Trainer(run).train()
-    distributed.shutdown()
 
 
 # ---- configuration errors -------------------------------------------------------------------------
@@ -94,12 +92,12 @@ def test_cli_reports_config_errors(tmp_path):
 def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
     steps = ["training.train_steps=8", "parallel.tensor_parallel=2"]
     straight = _run(tmp_path, "straight", *steps)
-    run_workers(_train_worker, 2, straight)
+    run_workers(train_worker, 2, straight)
     halves = _run(tmp_path, "halves", *steps)
     first_half = _run(tmp_path, "halves", *steps, "training.exit_interval=4")
-    run_workers(_train_worker, 2, first_half)
+    run_workers(train_worker, 2, first_half)
     assert checkpointing.latest_iteration(Path(halves.checkpoint.dir)) == 4
-    run_workers(_train_worker, 2, halves)
+    run_workers(train_worker, 2, halves)
 
     expected = _scalars(Path(straight.logging.tensorboard_dir), "train/loss")
     resumed = _scalars(Path(halves.logging.tensorboard_dir), "train/loss")
@@ -120,7 +118,7 @@ def _load_loss_worker(rank, run, path):
 
 def test_checkpoint_loads_at_another_layout(tmp_path):
     saved = _run(tmp_path, "tp2", "training.train_steps=3", "parallel.tensor_parallel=2")
-    run_workers(_train_worker, 2, saved)
+    run_workers(train_worker, 2, saved)
     path = str(checkpointing.resolve(Path(saved.checkpoint.dir)))
     fresh = [f"checkpoint.dir={tmp_path / 'none'}"]
     tp2 = run_workers(_load_loss_worker, 2, _run(tmp_path, "a", "parallel.tensor_parallel=2", *fresh), path)
@@ -155,7 +153,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert checkpointing.latest_iteration(root) == 2
     assert (root / "iter_0000004.tmp").exists() and not (root / "iter_0000004").exists()
     resumed = _run(tmp_path, "killed", "training.train_steps=6", "checkpoint.save_interval=2")
-    run_workers(_train_worker, 1, resumed)
+    run_workers(train_worker, 1, resumed)
     assert checkpointing.latest_iteration(root) == 6
     losses = _scalars(Path(run.logging.tensorboard_dir), "train/loss")
     assert set(losses) == set(range(1, 7))
@@ -190,8 +188,8 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
 
 
 def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
-    from tools.build_demo_corpus import main as build_corpus
-    from tools.plot_runs import plot_runs
+    from epas.data.demo_corpus import main as build_corpus
+    from analysis.plot_runs import plot_runs
 
     assert build_corpus(["--output-dir", str(tmp_path / "demo")]) == 0
     run = load_config(TINY, [
@@ -202,7 +200,7 @@ def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
         "checkpoint.save_interval=30", f"logging.tensorboard_dir={tmp_path / 'tb'}",
     ])
     validate_run(run, 1)
-    run_workers(_train_worker, 1, run)
+    run_workers(train_worker, 1, run)
 
     tensorboard = tmp_path / "tb"
     losses = _scalars(tensorboard, "train/loss")

@@ -1,6 +1,7 @@
-"""Weights and configs between Hugging Face's LLaMA layout and this recipe's megatron-core model.
+"""Weights between Hugging Face's LLaMA layout and this recipe's megatron-core model.
 
-Pure functions on state dicts (no process groups), used by ``tools/convert_checkpoint.py``.
+Pure functions on state dicts (no process groups), used by :mod:`megatron_training.convert`; the
+matching configs are in :mod:`epas.hf_config`.
 Megatron-core fuses Q, K and V into one ``linear_qkv`` weight ordered by query group
 ([q heads of group 0, k0, v0, q heads of group 1, ...]) and gate/up into ``linear_fc1``; both
 use the rotate-half RoPE of Hugging Face's LLaMA, so no permutation of heads is needed.
@@ -13,95 +14,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_patches.config import ConfigError, ModelConfig
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "EpasLlamaForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
-# --dtype choices of the tools that write or run Hugging Face models
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """Where and in what precision to run a Hugging Face model: as asked, else cuda with bfloat16 where
-    there is a GPU and the CPU with float32 where there is none."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, DTYPES[dtype or ("bfloat16" if device == "cuda" else "float32")]
-
-
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """The recipe's model section for a Hugging Face LLaMA ``config.json``; refuses what differs."""
-    architecture = (hf.get("architectures") or [None])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES and not (
-        architecture is None and hf.get("model_type") in SUPPORTED_MODEL_TYPES
-    ):
-        raise ConfigError(
-            f"unsupported architecture {architecture or hf.get('model_type')}: the converter handles "
-            f"the LLaMA family ({', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-    }
-    for key, (value, wanted) in unsupported.items():
-        if value != wanted and not (key == "rope_scaling" and _is_default_rope(value)):
-            raise ConfigError(f"config.json has {key}={value!r}; the megatron-core model supports only {wanted!r}")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise ConfigError(f"config.json has head_dim={head_dim} ≠ hidden_size / num_attention_heads")
-    groups = hf.get("num_key_value_heads") or heads
-    return ModelConfig(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        num_attention_heads=heads,
-        num_query_groups=None if groups == heads else groups,
-        ffn_hidden_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        seq_length=hf.get("max_position_embeddings", 2048),
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        rotary_base=float(_rope_theta(hf)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_method_std=hf.get("initializer_range", 0.02),
-    )
-
-
-def _is_default_rope(rope_scaling) -> bool:
-    """transformers 5 writes ``rope_parameters``/``rope_scaling`` with type "default" for plain RoPE."""
-    return isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
-
-
-def _rope_theta(hf: dict) -> float:
-    parameters = hf.get("rope_parameters") or {}
-    if parameters.get("rope_type", "default") != "default":
-        raise ConfigError(f"config.json has rope_parameters={parameters}; only plain RoPE is supported")
-    return parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
-
-
-def hf_config_from_model(model: ModelConfig, sharing_layers, sharing_mode: str, trained_sharing_layers) -> dict:
-    """``EpasLlamaConfig`` keyword arguments for a recipe model (the standard LLaMA fields + EPAS)."""
-    return dict(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.query_groups,
-        head_dim=model.head_dim,
-        max_position_embeddings=model.seq_length,
-        rms_norm_eps=model.norm_epsilon,
-        rope_theta=model.rotary_base,
-        tie_word_embeddings=model.tie_embeddings,
-        initializer_range=model.init_method_std,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        sharing_layers=list(sharing_layers),
-        sharing_mode=sharing_mode,
-        trained_sharing_layers=list(trained_sharing_layers),
-    )
-
+from epas.config import ModelConfig
+from epas.errors import ConfigError
 
 def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All weights of a Hugging Face folder: safetensors or PyTorch ``.bin``, single or sharded."""

@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_patches import cpu_bridge
-from megatron_patches.config import RunConfig
+from epas.config import RunConfig
 
 
 def initialize(run: RunConfig) -> None:

@@ -19,11 +19,9 @@ attention probabilities where attention is unfused (the local spec; see
 from __future__ import annotations
 
 import functools
-import math
 
-from megatron_patches.config import ModelConfig
-
-MODES = ("qk", "kv")
+from epas.config import ModelConfig
+from epas.sharing import check_mode, check_sharing_layers
 
 
 def flops_breakdown(
@@ -35,15 +33,8 @@ def flops_breakdown(
     reuses_probabilities: bool = False,
 ) -> dict[str, int]:
     """Forward matmul FLOPs per token, by component (summed over layers)."""
-    if mode not in MODES:
-        raise ValueError(f"sharing mode must be one of {MODES}, got {mode!r}")
-    shared = set(sharing_layers)
-    bad = sorted(i for i in shared if not 0 < i < model.num_layers)
-    if bad:
-        raise ValueError(
-            f"sharing layers {bad} out of range: valid are 1..{model.num_layers - 1} "
-            "(layer 0 has no preceding layer to share from)"
-        )
+    check_mode(mode)
+    shared = set(check_sharing_layers(sharing_layers, model.num_layers))
     s = model.seq_length if seq_length is None else seq_length
     h, d = model.hidden_size, model.head_dim
     q_rows = model.num_attention_heads * d
@@ -105,16 +96,6 @@ def sharing_saving(
         reuses_probabilities=reuses_probabilities,
     )
     return 1.0 - flops(sharing_layers) / flops(())
-
-
-def deepest_layers(num_layers: int, fraction: float) -> tuple[int, ...]:
-    """The deepest ``round(fraction * num_layers)`` layers (halves round up), never layer 0."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"sharing fraction must be in [0, 1], got {fraction}")
-    count = min(math.floor(fraction * num_layers + 0.5), num_layers - 1)
-    return tuple(range(num_layers - count, num_layers))
 
 
 def attention_counting(spec: str) -> dict[str, bool]:

@@ -1,44 +1,47 @@
 """One typed configuration for the whole recipe: YAML presets plus ``section.key=value`` overrides.
 
-Every section is a dataclass; loading checks keys and types and names the closest valid key
-when one is misspelt, so a typo fails at start-up instead of silently using a default.
+Every section is a dataclass; loading checks keys, types and choices (``Literal``), names the
+closest valid key when one is misspelt, and runs each section's own ``validate()``, so a typo fails
+at start-up instead of silently using a default. The comment beside a field is its documentation:
+:func:`describe` renders it for ``--help`` and ``docs/CONFIG.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from epas.errors import ConfigError
+from epas.sharing import SharingMode
 
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message says which and how to fix it."""
-
+DecayStyle = Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"]
 
 @dataclass
 class ModelConfig:
     """A LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, no biases)."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_attention_heads: int = 4
+    num_layers: int = 4  # decoder layers
+    hidden_size: int = 128  # model width
+    num_attention_heads: int = 4  # query heads
     num_query_groups: int | None = None  # None: multi-head attention (one group per head)
-    ffn_hidden_size: int = 344
-    vocab_size: int = 32000
+    ffn_hidden_size: int = 344  # SwiGLU inner size
+    vocab_size: int = 32000  # the tokenizer's size (at least)
     make_vocab_size_divisible_by: int = 128  # embedding rows are padded for tensor parallelism
-    seq_length: int = 256
-    norm_epsilon: float = 1e-5
-    rotary_base: float = 10000.0
-    tie_embeddings: bool = False
-    init_method_std: float = 0.02
+    seq_length: int = 256  # tokens per training sample (and RoPE positions)
+    norm_epsilon: float = 1e-5  # RMSNorm epsilon
+    rotary_base: float = 10000.0  # RoPE theta
+    tie_embeddings: bool = False  # output layer shares the embedding weights
+    init_method_std: float = 0.02  # normal init of the weights
 
     @property
     def query_groups(self) -> int:
@@ -72,14 +75,16 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline: int | None = None
-    sequence_parallel: bool = False
+    """How the model is split over the processes; data parallelism takes the rest of the world."""
+
+    tensor_parallel: int = 1  # TP: must divide heads, query groups and the padded vocabulary
+    pipeline_parallel: int = 1  # PP stages
+    virtual_pipeline: int | None = None  # model chunks per stage (interleaved 1F1B)
+    sequence_parallel: bool = False  # with TP, split norms and dropout along the sequence (spec te)
     # uneven pipelines: layers on the first / last stage (the rest are split evenly), e.g. to
     # balance the embedding and the output layer
     first_stage_layers: int | None = None
-    last_stage_layers: int | None = None
+    last_stage_layers: int | None = None  # layers on the last stage (uneven pipelines)
 
 
 @dataclass
@@ -92,15 +97,24 @@ class EPASConfig:
     ``include_last_layer`` is false).
     """
 
-    mode: str = "qk"  # "qk": reuse Q and K, compute V; "kv": reuse K and V, compute Q
-    num_sharing_layers: int = 0
-    sharing_layers: list[int] | None = None
-    num_blocks: int = 1
-    block_gap: int = 1
-    include_last_layer: bool = True
+    mode: SharingMode = "qk"  # "qk": reuse Q and K, compute V; "kv": reuse K and V, compute Q
+    num_sharing_layers: int = 0  # target size, counted from the deep end (0: no sharing)
+    sharing_layers: list[int] | None = None  # or the target as explicit 0-based layers
+    num_blocks: int = 1  # blocks the target is split into
+    block_gap: int = 1  # compute layers between two blocks
+    include_last_layer: bool = True  # false: the deepest block ends one layer before the last
     interval: int = 100  # I: steps between two growths
     growth: int = 1  # B: layers added per growth
     start_step: int = 0  # steps before the first growth is counted
+
+    def validate(self) -> None:
+        for key in ("interval", "growth", "num_blocks", "block_gap"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"epas.{key} must be at least 1, got {getattr(self, key)}")
+        if self.start_step < 0:
+            raise ConfigError(f"epas.start_step must be 0 or more, got {self.start_step}")
+        if self.num_sharing_layers < 0:
+            raise ConfigError(f"epas.num_sharing_layers must be 0 or more, got {self.num_sharing_layers}")
 
 
 @dataclass
@@ -112,32 +126,36 @@ class DataConfig:
     weights: list[float] | None = None  # blend weights, one per path (default: by size)
     split: str = "969,30,1"  # train,valid,test proportions
     tokenizer: str | None = None  # Hugging Face tokenizer folder (EOD id, vocab check)
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
+    micro_batch_size: int = 4  # samples per forward pass
+    global_batch_size: int = 8  # samples per optimizer step (micro-batch × data parallel × accumulation)
     cache_dir: str | None = None  # where megatron-core caches dataset indices
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 100
-    decay_style: str = "cosine"  # constant, linear, cosine, inverse-square-root, WSD
-    weight_decay: float = 0.1
+    """Adam with warm-up and decay of the learning rate."""
+
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # where the decay ends
+    warmup_steps: int = 100  # linear warm-up from 0
+    decay_style: DecayStyle = "cosine"  # decay after the warm-up
+    weight_decay: float = 0.1  # decoupled (AdamW)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
+    clip_grad: float = 1.0  # gradient-norm clipping (0: off)
+    use_distributed_optimizer: bool = False  # shard optimizer states over data parallelism (ZeRO-1)
 
 
 @dataclass
 class TrainingConfig:
-    train_steps: int = 300
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_steps: int = 5
-    recompute: str | None = None  # None, "selective" (core attention) or "full"
+    """How long to train and when to log, evaluate and stop."""
+
+    train_steps: int = 300  # optimizer steps of the whole run
+    log_interval: int = 10  # steps per log line and TensorBoard point
+    eval_interval: int = 100  # steps between validations (0: none)
+    eval_steps: int = 5  # global batches per validation
+    recompute: Literal["selective", "full"] | None = None  # null, "selective" (core attention) or "full"
     recompute_num_layers: int = 1  # with recompute "full"
     exit_duration_minutes: float | None = None  # save and stop before a job time limit
     exit_interval: int | None = None  # save and stop at the first iteration divisible by this
@@ -146,15 +164,17 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where the run saves and what it starts from."""
+
     dir: str | None = None  # where checkpoints are written (and resumed from)
-    save_interval: int | None = None
+    save_interval: int | None = None  # steps between saves (the last step is always saved)
     load: str | None = None  # start from this checkpoint folder instead (e.g. a converted HF model)
     load_optimizer: bool = True  # false: take only the weights (continual pretraining)
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard_dir: str | None = None
+    tensorboard_dir: str | None = None  # TensorBoard event files (null: console only)
 
 
 @dataclass
@@ -167,9 +187,9 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    device: str = "cpu"  # "cpu" switches on megatron_patches.cpu_bridge
-    spec: str = "local"  # "local" (megatron-core modules) or "te" (Transformer Engine, GPU)
-    seed: int = 1234
+    device: Literal["cpu", "cuda"] = "cpu"  # "cpu" switches on megatron_patches.cpu_bridge
+    spec: Literal["local", "te"] = "local"  # "local" (megatron-core modules) or "te" (Transformer Engine, GPU)
+    seed: int = 1234  # weights, data order and dropout
 
 
 @dataclass
@@ -182,34 +202,36 @@ class FinetuneDataConfig:
     ``instruction`` (jsonl prompt/response pairs, loss on the response only).
     """
 
-    format: str = "indexed"
+    format: Literal["indexed", "text", "chat", "instruction"] = "indexed"  # see above
     paths: list[str] | None = None  # indexed: prefixes; others: jsonl files
     weights: list[float] | None = None  # indexed: blend weights, one per path
     split: str = "98,2,0"  # indexed: train,valid,test proportions
     valid_paths: list[str] | None = None  # text, chat, instruction: validation jsonl files
     tokenizer: str | None = None  # Hugging Face tokenizer folder (default: the model folder)
-    text_key: str = "text"
-    messages_key: str = "messages"
-    prompt_key: str = "prompt"
-    response_key: str = "response"
+    text_key: str = "text"  # text: the JSON key of a document
+    messages_key: str = "messages"  # chat: the JSON key of a conversation
+    prompt_key: str = "prompt"  # instruction: the JSON key of the prompt
+    response_key: str = "response"  # instruction: the JSON key of the response
     seq_length: int = 512  # tokens per sample (longer conversations are truncated)
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
+    micro_batch_size: int = 4  # samples per device and forward pass
+    global_batch_size: int = 8  # samples per optimizer step (gradient accumulation fills the rest)
     cache_dir: str | None = None  # indexed: where megatron-core caches dataset indices
 
 
 @dataclass
 class FinetuneTrainingConfig:
-    train_steps: int = 100
-    log_interval: int = 10
-    eval_interval: int | None = None
+    """How long the Trainer runs, when it logs, evaluates and saves, and with what engine."""
+
+    train_steps: int = 100  # optimizer steps of the whole run
+    log_interval: int = 10  # steps per log line and TensorBoard point
+    eval_interval: int | None = None  # steps between validations (null: none)
     eval_samples: int = 64  # indexed: validation samples drawn from the split
-    save_interval: int | None = None
+    save_interval: int | None = None  # steps between Trainer checkpoints (the last step is always saved)
     save_total_limit: int | None = None  # keep only the newest N Trainer checkpoints
     exit_interval: int | None = None  # save and stop at the first step divisible by this
     output_dir: str | None = None  # Trainer checkpoints (checkpoint-N) and the final EPAS folder (model/)
     deepspeed: str | None = None  # a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
-    bf16: bool = False
+    bf16: bool = False  # bf16 mixed precision (GPU)
     gradient_checkpointing: bool = False  # recompute each layer in backward: less activation memory
 
 
@@ -223,7 +245,7 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    seed: int = 1234
+    seed: int = 1234  # weights of new layers, data order
 
 
 _YAML11_FLOAT_MISS = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -237,6 +259,11 @@ def _suggest(name: str, options) -> str:
 def _coerce(value, hint, where: str):
     """Check ``value`` against a type hint, converting only where YAML/CLI lose type information."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {choices}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
@@ -328,30 +355,32 @@ def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=RunConfig):
-    """Load a YAML preset (or the defaults when ``path`` is None) into ``schema`` and apply overrides."""
+    """Load a YAML preset (or the defaults when ``path`` is None) into ``schema``, apply overrides and
+    run every section's ``validate()``."""
     data = _read_preset(Path(path)) if path is not None else {}
     config = from_dict(schema, data)
     for override in overrides:
         apply_override(config, override)
-    if isinstance(config, RunConfig):
-        config.model.validate()
+    validate_sections(config)
     return config
 
 
-def load_for_entry_point(path, overrides, validate, schema=RunConfig):
-    """An entry point's config: loaded, checked by ``validate(config, world_size)`` and printed on rank 0.
+def validate_sections(config) -> None:
+    """Each section's own checks (the ones that need no other section), deepest first."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            validate_sections(value)
+    if hasattr(config, "validate"):
+        config.validate()
 
-    Returns None after printing the error (on rank 0 only, so torchrun shows it once).
-    """
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    try:
-        config = load_config(path, overrides, schema)
-        validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as error:
-        if is_rank0:
-            print(f"config error: {error}", file=sys.stderr)
-        return None
-    if is_rank0:
+
+def load_for_entry_point(path, overrides, validate, schema=RunConfig):
+    """An entry point's config: loaded, checked by ``validate(config, world_size)`` (which raises
+    :class:`ConfigError`) and printed on rank 0."""
+    config = load_config(path, overrides, schema)
+    validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if os.environ.get("RANK", "0") == "0":
         print(f"config {path}, resolved:\n{yaml.safe_dump(to_dict(config), sort_keys=False)}", flush=True)
     return config
 
@@ -359,3 +388,76 @@ def load_for_entry_point(path, overrides, validate, schema=RunConfig):
 def to_dict(config) -> dict:
     """The resolved configuration as plain data (printed at start, saved with checkpoints)."""
     return dataclasses.asdict(config)
+
+
+# ---- documentation from the schema --------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's documentation: the comment on its line and the comment lines just above it."""
+    docs, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"\s+(\w+): [^=]+=.*?(?:  # (.*))?$", line)
+        if match and match.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            docs[match.group(1)] = " ".join([*above, match.group(2) or ""]).strip()
+        above = []
+    return docs
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(choice) for choice in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(typing.get_args(hint)[0])}]"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def describe(schema=RunConfig) -> str:
+    """Every key of ``schema`` as a Markdown table per section: type (or choices), default, meaning."""
+    lines, top = [], []
+    for item in dataclasses.fields(schema):
+        hint = typing.get_type_hints(schema)[item.name]
+        if dataclasses.is_dataclass(hint):
+            lines += ["", f"### `{item.name}`", "", *_section_table(hint, item.name)]
+        else:
+            top.append(item.name)
+    if top:
+        lines += ["", "### top level", "", *_section_table(schema, "", only=top)]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _section_table(cls, prefix: str, only=None) -> list[str]:
+    hints, docs, default = typing.get_type_hints(cls), field_docs(cls), cls()
+    doc = inspect.cleandoc(cls.__doc__ or "") if prefix and not cls.__doc__.startswith(cls.__name__) else ""
+    rows = [doc.split("\n\n")[0].replace("\n", " "), ""] if doc else []
+    rows += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for item in dataclasses.fields(cls):
+        if only is not None and item.name not in only:
+            continue
+        key = f"{prefix}.{item.name}" if prefix else item.name
+        value = yaml.safe_dump(getattr(default, item.name), default_flow_style=True).strip().removesuffix("...").strip()
+        type_name = _type_name(hints[item.name]).replace("|", "\\|")
+        rows.append(f"| `{key}` | {type_name} | `{value}` | {docs.get(item.name, '')} |")
+    return rows
+
+
+def config_reference() -> str:
+    """docs/CONFIG.md: every key of both entry points, generated from the schema (``python -m epas.config``)."""
+    return (
+        "# Configuration keys\n\n"
+        "Generated from `epas/config.py` by `python -m epas.config > docs/CONFIG.md` (a test keeps it current).\n"
+        "A preset (`configs/*.yaml`, optionally `base: other.yaml`) sets any of them; `section.key=value` on the\n"
+        "command line overrides one (the value is read as YAML: `data.paths=[a,b]`, `training.recompute=null`).\n\n"
+        "## `pretrain_epas.py`\n\n" + describe(RunConfig) + "\n"
+        "## `finetune_epas.py`\n\n" + describe(FinetuneConfig)
+    )
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

@@ -24,7 +24,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_patches.config import ConfigError, RunConfig, to_dict
+from epas.config import RunConfig, to_dict
+from epas.errors import ConfigError
 
 LATEST = "latest"
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron_patches.config import ConfigError, RunConfig
+from epas.config import RunConfig
+from epas.data.indexed import check_indexed_files
+from epas.data.tokenizer import load_tokenizer
+from epas.errors import ConfigError
 
 
 @dataclass
@@ -25,27 +27,6 @@ class TokenIds:
     def unique_identifiers(self) -> dict:
         """Part of megatron-core's dataset cache key: a new tokenizer must not reuse old indices."""
         return {"class": "TokenIds", "source": self.source, "eod": self.eod}
-
-
-def load_tokenizer(tokenizer_dir):
-    """A Hugging Face tokenizer from a local folder; never reaches for the hub."""
-    folder = Path(tokenizer_dir)
-    if not folder.is_dir():
-        raise ConfigError(f"tokenizer folder '{tokenizer_dir}' not found; pass a local Hugging Face "
-                          "tokenizer folder (tools/build_demo_corpus.py makes a small one)")
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise ConfigError(f"tokenizer folder '{tokenizer_dir}' holds no tokenizer.json or tokenizer_config.json; "
-                          "pass a folder made by the tokenizer's save_pretrained")
-    from transformers import AutoTokenizer
-
-    import epas_hf  # noqa: F401  (registers epas_llama: an export's config.json must not prompt for remote code)
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ConfigError(f"cannot load the tokenizer in '{tokenizer_dir}' ({first_line}); "
-                          "pass a folder made by the tokenizer's save_pretrained") from None
 
 
 def token_ids(run: RunConfig) -> TokenIds:
@@ -72,46 +53,6 @@ def check_data_files(run: RunConfig) -> None:
     if not run.data.paths:
         raise ConfigError("data.paths is empty; give dataset prefixes or set data.mock=true")
     check_indexed_files(run.data.paths, run.data.weights, run.data.split)
-
-
-def check_indexed_files(paths, weights, split: str) -> None:
-    """Every prefix has its .bin and .idx, the weights match the paths and every split gets documents."""
-    if not paths:
-        raise ConfigError("data.paths is empty; give dataset prefixes (PREFIX.bin/.idx from tools/preprocess_data.py)")
-    if weights is not None and len(weights) != len(paths):
-        raise ConfigError(f"data.weights has {len(weights)} entries for {len(paths)} data.paths")
-    for prefix in paths:
-        missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
-        if missing:
-            raise ConfigError(
-                f"data file {prefix}{missing[0]} not found; make it with tools/preprocess_data.py "
-                "(data.paths takes prefixes, without .bin/.idx)"
-            )
-    check_splits(paths, split)
-
-
-def check_splits(paths, split: str) -> None:
-    """Refuse a ``data.split`` share that holds no document of some dataset.
-
-    megatron-core 0.16 loops forever building a split with no documents, so a small corpus
-    with the default ``969,30,1`` would hang instead of failing.
-    """
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for prefix in paths or ():
-        documents = len(IndexedDataset(prefix, mmap=True))
-        for name, bounds in zip(("train", "valid", "test"), matrix):
-            if bounds and round(bounds[0] * documents) == round(bounds[1] * documents):
-                raise ConfigError(
-                    f"data.split={split!r} leaves the {name} split of {prefix} without a "
-                    f"document (it has {documents}); give that split a larger share or 0 "
-                    "(e.g. data.split=98,2,0)"
-                )
 
 
 def build_datasets(run: RunConfig, num_valid_samples: int):

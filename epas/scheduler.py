@@ -10,21 +10,9 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from megatron_patches.config import ConfigError, EPASConfig
-
-MODES = ("qk", "kv")
-
-
-def _check_settings(epas: EPASConfig) -> None:
-    if epas.mode not in MODES:
-        raise ConfigError(f"epas.mode must be one of {MODES}, got {epas.mode!r}")
-    for key in ("interval", "growth", "num_blocks", "block_gap"):
-        if getattr(epas, key) < 1:
-            raise ConfigError(f"epas.{key} must be at least 1, got {getattr(epas, key)}")
-    if epas.start_step < 0:
-        raise ConfigError(f"epas.start_step must be 0 or more, got {epas.start_step}")
-    if epas.num_sharing_layers < 0:
-        raise ConfigError(f"epas.num_sharing_layers must be 0 or more, got {epas.num_sharing_layers}")
+from epas.config import EPASConfig, validate_sections
+from epas.errors import ConfigError
+from epas.sharing import MODES, check_sharing_layers
 
 
 def _block_layout(num_layers: int, epas: EPASConfig) -> list[int]:
@@ -52,7 +40,9 @@ def _block_layout(num_layers: int, epas: EPASConfig) -> list[int]:
 
 def resolve_target_layers(num_layers: int, epas: EPASConfig) -> tuple[int, ...]:
     """The target sharing set S_c as sorted 0-based layer indices, validated."""
-    _check_settings(epas)
+    if epas.mode not in MODES:  # a section built in code skips the loader's choice check
+        raise ConfigError(f"epas.mode must be one of {MODES}, got {epas.mode!r}")
+    validate_sections(epas)
     if epas.sharing_layers is not None:
         if epas.num_sharing_layers:
             raise ConfigError(
@@ -63,19 +53,15 @@ def resolve_target_layers(num_layers: int, epas: EPASConfig) -> tuple[int, ...]:
             raise ConfigError(f"epas.sharing_layers {layers} lists a layer twice")
     else:
         layers = _block_layout(num_layers, epas)
-    if 0 in layers:
-        raise ConfigError("epas.sharing_layers contains layer 0, which has no preceding layer to share from")
-    outside = sorted(i for i in layers if not 0 <= i < num_layers)
-    if outside:
-        raise ConfigError(
-            f"epas.sharing_layers {outside} are outside the model's layers 0..{num_layers - 1}"
-        )
     if len(layers) % epas.growth:
         raise ConfigError(
             f"the target has {len(layers)} layers, not a multiple of epas.growth={epas.growth}; "
             "every growth step must add a whole group of layers"
         )
-    return tuple(sorted(layers))
+    try:
+        return check_sharing_layers(layers, num_layers)
+    except ValueError as error:
+        raise ConfigError(f"epas.sharing_layers: {error}") from None
 
 
 class SharingScheduler:

@@ -1,0 +1,39 @@
+"""What every command-line entry point shares: error reporting and the --device/--dtype options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+from epas.errors import EpasError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(main: Callable[[], object]) -> int:
+    """Call an entry point's body and return its exit status: the body's own when it returns an int,
+    else 0. An :class:`EpasError` becomes one line on stderr (on rank 0 only, so torchrun shows it
+    once) and its exit status, instead of a traceback."""
+    try:
+        status = main()
+        return status if isinstance(status, int) else 0
+    except EpasError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{error.label}: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when there is one")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """Where and in what precision to run a Hugging Face model: as asked, else cuda with bfloat16 where
+    there is a GPU and the CPU with float32 where there is none."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[dtype or ("bfloat16" if device == "cuda" else "float32")]
