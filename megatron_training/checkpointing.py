@@ -90,8 +90,11 @@ def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: 
     checkpoint written by a converter or a trainer reads the same.
     """
     final = iteration_dir(root, iteration)
-    if final.exists():
-        return final  # this iteration is already saved; never overwrite a complete checkpoint
+    if final.exists():  # saved already (the rename is the last step of writing): never overwrite it
+        if dist.get_rank() == 0 and (latest_iteration(root) or 0) < iteration:
+            _point_latest_at(root, iteration)  # a save killed between its rename and `latest`
+        dist.barrier()
+        return final
     staging = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         if staging.exists():
@@ -107,11 +110,16 @@ def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: 
     if dist.get_rank() == 0:
         (staging / "run_config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
         os.replace(staging, final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(f"{iteration}\n")
-        os.replace(pointer, root / LATEST)
+        _point_latest_at(root, iteration)
     dist.barrier()
     return final
+
+
+def _point_latest_at(root: Path, iteration: int) -> None:
+    """Publish ``iteration`` as the one to resume from (atomically: a reader sees the old or the new number)."""
+    pointer = root / (LATEST + ".tmp")
+    pointer.write_text(f"{iteration}\n")
+    os.replace(pointer, root / LATEST)
 
 
 def resolve(path: Path) -> Path:

@@ -125,29 +125,25 @@ def test_sharing_off_equals_transformers_llama(groups, tied, rope_scaling):
 # ---- 2. sharing on == the plain-PyTorch reference ------------------------------------------------------------
 
 
+REFERENCE_NAMES = {  # ReferenceLlama parameter -> EpasLlamaForCausalLM parameter (per layer)
+    "attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm", "w_gate": "mlp.gate_proj",
+    "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
+}
+
+
 def reference_from(model: EpasLlamaForCausalLM) -> ReferenceLlama:
     config = model.config
     reference = ReferenceLlama(
         LAYERS, HIDDEN, HEADS, config.num_key_value_heads, FFN, VOCAB, eps=config.rms_norm_eps, rope_base=10000.0
     )
-    names = {
-        "attn_norm": "input_layernorm",
-        "wq": "self_attn.q_proj",
-        "wk": "self_attn.k_proj",
-        "wv": "self_attn.v_proj",
-        "wo": "self_attn.o_proj",
-        "mlp_norm": "post_attention_layernorm",
-        "w_gate": "mlp.gate_proj",
-        "w_up": "mlp.up_proj",
-        "w_down": "mlp.down_proj",
-    }
     state = model.state_dict()
     with torch.no_grad():
         reference.embed.copy_(state["model.embed_tokens.weight"])
         reference.final_norm.copy_(state["model.norm.weight"])
         reference.lm_head.copy_(state["lm_head.weight"])
         for i, layer in enumerate(reference.layers):
-            for ours, theirs in names.items():
+            for ours, theirs in REFERENCE_NAMES.items():
                 layer[ours].copy_(state[f"model.layers.{i}.{theirs}.weight"])
     return reference
 
@@ -185,25 +181,35 @@ def test_sharing_equals_reference(mode, groups, sharing):
         assert count == (1 if layer not in sharing or name in computed else 0), (layer, name)
 
 
-@pytest.mark.parametrize("mode", ["qk", "kv"])
-def test_gradient_checkpointing_gives_the_same_gradients(mode):
-    """Recomputed layers must still send the sharing layers' gradients back into the source layer's Q/K (or K/V)."""
-    model = epas_model(2, [2, 3], mode).train()
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "recomputed"])
+@pytest.mark.parametrize("mode, sharing", [("qk", [2, 3]), ("kv", [2, 3]), ("qk", [1, 3]), ("kv", [1, 3])])
+def test_gradients_equal_the_reference(mode, sharing, checkpointing):
+    """Every parameter's gradient equals the reference's: the sharing layers' gradients reach the source
+    layer's Q/K (or K/V) projections, also when layers are recomputed (the Trainer's gradient checkpointing)."""
+    model = epas_model(2, sharing, mode).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # overridden
+        assert model.model.gradient_checkpointing
+    reference = reference_from(model)
     ids = tokens(2, 12)
+    model(ids, labels=ids).loss.backward()
+    logits = reference(ids, sharing_layers=sharing, mode=mode)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
 
-    def gradients():
-        model.zero_grad()
-        model(ids, labels=ids).loss.backward()
-        return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
-
-    expected = gradients()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # overridden
-    assert model.model.gradient_checkpointing
-    recomputed = gradients()
-    source = "model.layers.1.self_attn." + ("k_proj.weight" if mode == "qk" else "v_proj.weight")
-    assert expected[source].abs().sum() > 0 and recomputed.keys() == expected.keys()
-    for name, grad in expected.items():
-        assert torch.allclose(recomputed[name], grad, rtol=1e-5, atol=1e-7), name
+    grads = dict(model.named_parameters())
+    expected = {"model.embed_tokens.weight": reference.embed, "model.norm.weight": reference.final_norm,
+                "lm_head.weight": reference.lm_head}
+    for i, layer in enumerate(reference.layers):
+        expected.update({f"model.layers.{i}.{hf}.weight": layer[ours] for ours, hf in REFERENCE_NAMES.items()})
+    assert expected.keys() == grads.keys()
+    unused = {name for name, theirs in expected.items() if theirs.grad is None}  # a sharer's skipped projections
+    assert unused == {name for name, ours in grads.items() if ours.grad is None} and len(unused) == 2 * len(sharing)
+    errors = {name: frobenius_error(grads[name].grad, theirs.grad) for name, theirs in expected.items()
+              if name not in unused}
+    assert max(errors.values()) < 1e-5, {name: e for name, e in errors.items() if e >= 1e-5}
+    source = sharing[0] - 1
+    for projection in ("k_proj", "q_proj" if mode == "qk" else "v_proj"):  # the shared ones get the sharers' share
+        assert grads[f"model.layers.{source}.self_attn.{projection}.weight"].grad.abs().sum() > 0
 
 
 # ---- 3. generate() with the cache == without it --------------------------------------------------------------
@@ -304,20 +310,32 @@ def test_cache_bytes(sharing, mode):
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])
-def test_cropped_and_selected_cache_continue_like_fresh_ones(mode):
-    """crop (assisted decoding; both transformers conventions) and batch_select_indices keep the layout intact."""
+def test_cache_edits_continue_like_fresh_caches(mode, cache_chunk):
+    """Every edit generate() makes to a cache (crop for assisted decoding, in both transformers conventions;
+    batch_select_indices; batch_repeat_interleave and reorder_cache for beam search) keeps each row's keys and
+    values with its sequence: decoding on from the edited cache gives the logits of a fresh forward."""
     model = epas_model(2, [2, 3], mode)
     ids = tokens(2, 9)
+
+    def continued(cache, rows) -> float:
+        return frobenius_error(model(ids[rows, 5:], past_key_values=cache).logits, full[rows, 5:])
+
     with torch.no_grad():
         full = model(ids).logits
         for crop in (-2, 5):
             cache = cache_of(model(ids[:, :7], use_cache=True))
             cache.crop(crop)
             assert cache.get_seq_length() == 5
-            assert frobenius_error(model(ids[:, 5:], past_key_values=cache).logits, full[:, 5:]) < 1e-5
-        cache = cache_of(model(ids[:, :5], use_cache=True))
-        cache.batch_select_indices(torch.tensor([1]))
-        assert frobenius_error(model(ids[1:, 5:], past_key_values=cache).logits, full[1:, 5:]) < 1e-5
+            assert continued(cache, [0, 1]) < 1e-5
+        edits = {
+            "select": (lambda cache: cache.batch_select_indices(torch.tensor([1])), [1]),
+            "repeat": (lambda cache: cache.batch_repeat_interleave(3), [0, 0, 0, 1, 1, 1]),
+            "reorder": (lambda cache: cache.reorder_cache(torch.tensor([1, 0, 1])), [1, 0, 1]),
+        }
+        for name, (edit, rows) in edits.items():
+            cache = cache_of(model(ids[:, :5], use_cache=True))
+            edit(cache)
+            assert continued(cache, rows) < 1e-5, name
 
 
 # ---- 5. save, export with the model files, load with trust_remote_code ---------------------------------------

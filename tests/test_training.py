@@ -128,35 +128,54 @@ def test_checkpoint_loads_at_another_layout(tmp_path):
     assert pp2[0] == pytest.approx(tp1[0], rel=1e-6)
 
 
-def _killed_during_save_worker(rank, run):
-    """Train with saves every 2 steps and die (SIGKILL) halfway through writing the second one."""
-    original = checkpointing.dist_checkpointing.save
-    saves = []
+def _killed_during_save_worker(rank, run, point):
+    """Train with saves every 2 steps and die (SIGKILL) at ``point`` of the second save (iteration 4)."""
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_then_die(state, directory, *args, **kwargs):
-        saves.append(directory)
-        if len(saves) == 2:
+    write, replace = checkpointing.dist_checkpointing.save, checkpointing.os.replace
+
+    def write_then_die(state, directory, *args, **kwargs):
+        if point == "writing the data" and directory.endswith("iter_0000004.tmp"):
             Path(directory, "partial.distcp").write_bytes(b"half a shard")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(state, directory, *args, **kwargs)
+            die()
+        return write(state, directory, *args, **kwargs)
 
-    checkpointing.dist_checkpointing.save = save_then_die
+    def publish_then_die(source, target):
+        target = Path(target)
+        if point == "before the rename" and target.name == "iter_0000004":
+            die()
+        replace(source, target)
+        if point == "after the rename" and target.name == "iter_0000004":
+            die()
+        if point == "after latest" and target.name == "latest" and target.read_text().strip() == "4":
+            die()
+
+    checkpointing.dist_checkpointing.save = write_then_die
+    checkpointing.os.replace = publish_then_die
     distributed.initialize(run)
     Trainer(run).train()
 
 
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+# where a save can be killed -> the iteration the next start resumes from
+KILL_POINTS = {"writing the data": 2, "before the rename": 2, "after the rename": 2, "after latest": 4}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_save_killed_anywhere_resumes_from_a_complete_checkpoint(tmp_path, point):
     run = _run(tmp_path, "killed", "training.train_steps=6", "checkpoint.save_interval=2")
     with pytest.raises(AssertionError, match="died without reporting"):
-        run_workers(_killed_during_save_worker, 1, run)
+        run_workers(_killed_during_save_worker, 1, run, point)
     root = Path(run.checkpoint.dir)
-    assert checkpointing.latest_iteration(root) == 2
-    assert (root / "iter_0000004.tmp").exists() and not (root / "iter_0000004").exists()
-    resumed = _run(tmp_path, "killed", "training.train_steps=6", "checkpoint.save_interval=2")
+    assert checkpointing.latest_iteration(root) == KILL_POINTS[point]
+    assert (root / "iter_0000004").exists() == (point in ("after the rename", "after latest"))
+    # the next start ends at iteration 4, so `latest` must name the checkpoint it saved (or found saved)
+    resumed = _run(tmp_path, "killed", "training.train_steps=4", "checkpoint.save_interval=2")
     run_workers(train_worker, 1, resumed)
-    assert checkpointing.latest_iteration(root) == 6
+    assert checkpointing.latest_iteration(root) == 4
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
     losses = _scalars(Path(run.logging.tensorboard_dir), "train/loss")
-    assert set(losses) == set(range(1, 7))
+    assert set(losses) == set(range(1, 5))
 
 
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
