@@ -10,6 +10,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_orphans():
+    """Fail the run if a multi-process test left a process behind (each worker's group is reaped)."""
+    yield
+    from tests.multiprocess import surviving_processes
+
+    survivors = surviving_processes()
+    assert not survivors, f"processes outlived their test: {survivors}"
+
+
 @pytest.fixture(scope="session")
 def megatron_cpu():
     """A world of one process with megatron-core's parallel groups (TP=PP=1) on CPU."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import time
 import traceback
 from queue import Empty
 
+import psutil
 import torch.multiprocessing as mp
 
 
@@ -19,6 +21,7 @@ def free_port() -> int:
 
 
 def _entry(fn, rank, world_size, port, queue, args):
+    os.setpgrp()  # a group of its own: whatever it starts (checkpoint writers) can be reaped with it
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -68,9 +71,34 @@ def run_workers(fn, world_size: int, *args, timeout: float = 600) -> list:
             process.join(timeout=5 if errors or len(results) < world_size else None)
             if process.is_alive():
                 process.terminate()
+            _reap_group(process.pid)
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[rank] for rank in range(world_size)]
+
+
+_groups: set[int] = set()  # the process group of every worker started
+
+
+def _reap_group(pid: int) -> None:
+    """Kill what a worker left running (e.g. a checkpoint writer whose parent was SIGKILLed)."""
+    _groups.add(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def surviving_processes() -> list[str]:
+    """Processes still running in a worker's group: orphans the harness failed to reap."""
+    survivors = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(process.pid) in _groups:
+                survivors.append(f"{process.pid}: {' '.join(process.info['cmdline'] or [])[:120]}")
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return survivors
 
 
 def train_worker(rank, run):
