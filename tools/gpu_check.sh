@@ -7,6 +7,7 @@
 #
 #   tools/gpu_check.sh OUTPUT_DIR
 #   PYTHON=.venv/bin/python TRAIN_LIMIT=600 tools/gpu_check.sh out/h100
+#   PARTS=generate GENERATE_LIMIT=400 tools/gpu_check.sh OUTPUT_DIR   # only the decoding checks
 set -uo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -51,8 +52,9 @@ part() {  # NAME LIMIT_SECONDS: run tools/gpu_check_NAME.sh under its limit, its
     tail -n 25 "$out/$name.log"
     ((rc == 0)) || status=1
 }
-part train "${TRAIN_LIMIT:-380}"
-part generate "${GENERATE_LIMIT:-205}"
+for name in ${PARTS:-train generate}; do
+    if [[ $name == train ]]; then part train "${TRAIN_LIMIT:-380}"; else part generate "${GENERATE_LIMIT:-205}"; fi
+done
 
 tar -czf "$out.tgz" -C "$out" . && mv "$out.tgz" "$out/results.tgz"
 exit $status

@@ -5,7 +5,8 @@
 # batch 32 with prompt 2048, first), for the 125M and the TinyLlama 1.1B shapes. Needs torch,
 # transformers and pyyaml only (no megatron-core), run from the repository root, no network.
 # Writes OUT/generate_<preset>.json (rewritten after every case, so a run cut short keeps what it
-# measured) and OUT/generate.log.
+# measured), OUT/profile_generate_125m.txt (benchmarks/profile_generate.py: the operators of a decode
+# step, 45 s at most; PROFILE_DECODE=0 skips it) and OUT/generate.log.
 #
 #   bash tools/gpu_check_generate.sh OUT
 #   EPAS_GENERATE_DRY_RUN=1 bash tools/gpu_check_generate.sh OUT   # the same steps, tiny, on the CPU
@@ -26,10 +27,12 @@ python=${PYTHON:-python3}
 
 if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
     run=(--device cpu --dtype float32 --batch 2 --prompt "16,8" --new-tokens 4 --warmup 1 --rounds 2)
+    profile=(--device cpu --dtype float32 --batch 2 --prompt 16 --steps 2 --warmup 1)
     shrink=(model.num_layers=4 model.hidden_size=64 model.num_attention_heads=4 model.ffn_hidden_size=128
             model.vocab_size=512 epas.num_sharing_layers=2)
 else
     run=(--device cuda --dtype bfloat16 --batch "32,1" --prompt "2048,512" --new-tokens 128 --warmup 1 --rounds 5)
+    profile=(--device cuda --dtype bfloat16 --batch 32 --prompt 2048 --steps 8 --warmup 3)
     shrink=()
 fi
 
@@ -42,4 +45,10 @@ for spec in "llama_125m 50 80" "tinyllama_1.1b 70 120"; do
         --sharing "0,0.25,0.5" --mode "qk,kv" "${run[@]}" --time-budget "$budget" \
         --json "$out/generate_$preset.json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log" || status=1
 done
+# where a 125M decode step's time goes (the case below the paper's gain): LLaMA, EPAS 0%, qk 50%
+if [[ ${PROFILE_DECODE:-1} == 1 ]]; then
+    timeout 45 "$python" -m benchmarks.profile_generate --random-init configs/llama_125m.yaml --sharing 0.5 \
+        --mode qk "${profile[@]}" --output "$out/profile_generate_125m.txt" "${shrink[@]}" \
+        > /dev/null 2>> "$out/generate.log" || status=1
+fi
 exit "$status"
