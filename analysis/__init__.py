@@ -1,0 +1,1 @@
+"""Looking at trained models and runs: accuracy across sharing lengths, plots of training logs."""
