@@ -1,0 +1,1 @@
+"""Data preparation and checks: tokenizers, text to indexed datasets, the demo corpus."""
