@@ -12,6 +12,13 @@ them, so for CPU smoke runs, laptops and the test-suite this module redirects th
 * the default causal mask is built on the CPU. The autograd engine does not carry torch-function
   modes into backward, and activation recompute rebuilds that mask there.
 
+Sequence parallelism needs nothing more: its collectives (``all_gather_into_tensor``,
+``reduce_scatter_tensor``) are in gloo since torch 2.2, below this project's minimum 2.6
+(reduce-scatter as an all-reduce of which each rank keeps its slice), and its buffers
+(megatron-core's global memory buffer, the reduce-scatter outputs) ask
+``torch.cuda.current_device()`` for their device, which the bridge answers with the CPU. What
+was missing was a norm: a model change, not a bridge one (``megatron_patches/norms.py``).
+
 It is switched on explicitly with :func:`enable` (``device: cpu`` in a run config) and is the
 only place where this project patches megatron-core. It is never needed on a GPU.
 """

@@ -14,7 +14,7 @@ from epas.sharing import check_sharing_layers
 from megatron_patches import pipeline
 from megatron_patches.activation_cache import ActivationCache
 from megatron_patches.fusions import choose_fusions
-from megatron_patches.layer_specs import epas_layer_spec
+from megatron_patches.layer_specs import epas_block_spec
 from megatron_patches.sharing_attention import EPASSelfAttention
 
 
@@ -140,9 +140,10 @@ def build_model(
     vp_stage: int | None = None,
 ) -> EPASGPTModel:
     """Build this rank's EPAS model chunk (call after :func:`megatron_training.distributed.initialize`)."""
+    config = config or transformer_config(run)
     return EPASGPTModel(
-        config=config or transformer_config(run),
-        transformer_layer_spec=epas_layer_spec(run.epas.mode, run.spec),
+        config=config,
+        transformer_layer_spec=epas_block_spec(config, run.epas.mode, run.spec, vp_stage),
         vocab_size=run.model.padded_vocab_size(),
         max_sequence_length=run.model.seq_length,
         pre_process=pre_process,

@@ -42,8 +42,8 @@ def validate_run(run: RunConfig, world_size: int) -> None:
         )
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no GPU is visible; use device=cpu for a CPU run")
-    if parallel.sequence_parallel and run.spec != "te":
-        raise ConfigError("parallel.sequence_parallel needs spec=te (Transformer Engine norms)")
+    if parallel.sequence_parallel:
+        _check_sequence_parallel(model.seq_length, tp)
     if run.optimizer.warmup_steps >= run.training.train_steps:
         raise ConfigError(
             f"optimizer.warmup_steps={run.optimizer.warmup_steps} must be below "
@@ -61,6 +61,20 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             "(with 'latest' or an iter_N folder), e.g. one made by tools/convert_checkpoint.py"
         )
     check_data_files(run)
+
+
+def _check_sequence_parallel(seq_length: int, tp: int) -> None:
+    """Sequence parallelism splits each sequence over the tensor-parallel ranks (either spec)."""
+    if tp == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel splits the sequence over tensor-parallel ranks and needs "
+            "parallel.tensor_parallel > 1; set parallel.sequence_parallel=false for tensor_parallel=1"
+        )
+    if seq_length % tp:
+        raise ConfigError(
+            f"with parallel.sequence_parallel, model.seq_length={seq_length} must be divisible by "
+            f"parallel.tensor_parallel={tp}"
+        )
 
 
 def _check_stage_layers(num_layers: int, parallel) -> None:
