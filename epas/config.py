@@ -80,7 +80,7 @@ class ParallelConfig:
     tensor_parallel: int = 1  # TP: must divide heads, query groups and the padded vocabulary
     pipeline_parallel: int = 1  # PP stages
     virtual_pipeline: int | None = None  # model chunks per stage (interleaved 1F1B)
-    sequence_parallel: bool = False  # with TP, split norms and dropout along the sequence (spec te)
+    sequence_parallel: bool = False  # split norms and dropout along the sequence over the TP ranks (needs TP > 1)
     # uneven pipelines: layers on the first / last stage (the rest are split evenly), e.g. to
     # balance the embedding and the output layer
     first_stage_layers: int | None = None
