@@ -3,7 +3,7 @@
     python -m benchmarks.generate --random-init configs/tinyllama_1.1b.yaml --batch 1,32 \\
         --prompt 512,2048 --new-tokens 128 --json generate.json
     python -m benchmarks.generate --model exports/tinyllama_epas --sharing 0,0.25,0.5 --mode qk,kv
-    python tools/benchmark.py generate ...   (the same, where megatron-core is installed)
+    python tools/benchmark.py generate ...   (the same command)
 
 Needs torch, transformers and pyyaml (for a preset) only: no megatron-core, so it runs on a
 machine that has only those.
