@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.generate import _select, llama_twin, random_model, variants
-from benchmarks.timing import modes, synchronize
+from benchmarks.timing import modes, synchronize, write_report
 from epas import cli
 from epas_hf.modeling_epas_llama import CACHE_KEYWORD
 
@@ -104,15 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="also write the report here")
     parser.add_argument("overrides", nargs="*", help="config overrides of the preset, section.key=value")
     args = parser.parse_args(argv)
-    return cli.run(lambda: _profile_and_write(args))
-
-
-def _profile_and_write(args) -> None:
-    report = profile_decoding(args)
-    print(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report + "\n")
+    return cli.run(lambda: write_report(profile_decoding(args), args.output))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.timing import write_report
 from benchmarks.train import SINGLE_DEVICE
 from epas import cli
 from epas.config import load_config
@@ -101,15 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="also write the report here")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args(argv)
-    return cli.run(lambda: _profile_and_write(args))
-
-
-def _profile_and_write(args) -> None:
-    report = profile_steps(args)
-    print(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report + "\n")
+    return cli.run(lambda: write_report(profile_steps(args), args.output))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,14 @@ def interleaved(variants: list, measure, warmup: int, rounds: int) -> list[list]
     return results
 
 
+def write_report(report: str, output: Path | None) -> None:
+    """Print a text report, and also write it to ``output`` when one is given."""
+    print(report)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report + "\n")
+
+
 def gain(value: float, baseline: float) -> float:
     return value / baseline - 1
 
