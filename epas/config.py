@@ -145,6 +145,9 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # gradient-norm clipping (0: off)
     use_distributed_optimizer: bool = False  # shard optimizer states over data parallelism (ZeRO-1)
+    # pretrain_epas.py on resume: take lr, min_lr, warmup_steps, decay_style, weight_decay, Adam betas, eps from this
+    # config (and re-plan the decay over training.train_steps) instead of refusing changed values
+    override_on_resume: bool = False
 
 
 @dataclass
@@ -160,6 +163,10 @@ class TrainingConfig:
     exit_duration_minutes: float | None = None  # save and stop before a job time limit
     exit_interval: int | None = None  # save and stop at the first iteration divisible by this
     peak_tflops: float | None = None  # per device, for MFU (e.g. 989 for H100 dense bf16)
+    # a step whose loss or gradients are NaN/Inf is never applied nor saved: "stop" exits (the last
+    # checkpoint stays the one to resume from), "skip" drops that step's update and goes on
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10  # with on_nonfinite "skip": stop after this many skipped steps in a row
 
 
 @dataclass
