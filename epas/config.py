@@ -1,9 +1,10 @@
 """One typed configuration for the whole recipe: YAML presets plus ``section.key=value`` overrides.
 
 Every section is a dataclass; loading checks keys, types and choices (``Literal``), names the
-closest valid key when one is misspelt, and runs each section's own ``validate()``, so a typo fails
-at start-up instead of silently using a default. The comment beside a field is its documentation:
-:func:`describe` renders it for ``--help`` and ``docs/CONFIG.md``.
+closest valid key when one is misspelt, checks each number against the :class:`Bound` declared in its
+type and runs each section's own ``validate()``, so a typo or a meaningless value fails at start-up
+instead of silently using a default or crashing mid-run. The comment beside a field is its
+documentation: :func:`describe` renders it (with the bound) for ``--help`` and ``docs/CONFIG.md``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 
@@ -26,22 +28,60 @@ from epas.sharing import SharingMode
 
 DecayStyle = Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"]
 
+
+@dataclass(frozen=True)
+class Bound:
+    """Where a number must lie, declared in its type (``Annotated[int, Bound(1)]``): checked by
+    :func:`validate_sections` on the final values and shown beside the type in docs/CONFIG.md."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False  # the low end itself is refused
+    high_open: bool = False  # the high end itself is refused
+
+    def allows(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def phrase(self) -> str:
+        """For error messages: "at least 1", "0 or more", "above 0", "in [0, 1)"."""
+        if self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low_open:
+            return f"above {self.low}"
+        return "0 or more" if self.low == 0 else f"at least {self.low}"
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return self.phrase()
+        return f"{'>' if self.low_open else '≥'} {self.low}"
+
+
+Count = Annotated[int, Bound(1)]  # sizes, counts and intervals
+CountOrZero = Annotated[int, Bound(0)]  # counts and step numbers where 0 means none or the start
+Positive = Annotated[float, Bound(0, low_open=True)]
+NonNegative = Annotated[float, Bound(0)]
+Beta = Annotated[float, Bound(0, 1, high_open=True)]  # Adam's moment decay rates
+Seed = Annotated[int, Bound(0, 2**32 - 1)]  # NumPy's seed range (megatron-core's dataset shuffles)
+
+
 @dataclass
 class ModelConfig:
     """A LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, no biases)."""
 
-    num_layers: int = 4  # decoder layers
-    hidden_size: int = 128  # model width
-    num_attention_heads: int = 4  # query heads
-    num_query_groups: int | None = None  # None: multi-head attention (one group per head)
-    ffn_hidden_size: int = 344  # SwiGLU inner size
-    vocab_size: int = 32000  # the tokenizer's size (at least)
-    make_vocab_size_divisible_by: int = 128  # embedding rows are padded for tensor parallelism
-    seq_length: int = 256  # tokens per training sample (and RoPE positions)
-    norm_epsilon: float = 1e-5  # RMSNorm epsilon
-    rotary_base: float = 10000.0  # RoPE theta
+    num_layers: Count = 4  # decoder layers
+    hidden_size: Count = 128  # model width
+    num_attention_heads: Count = 4  # query heads
+    num_query_groups: Count | None = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: Count = 344  # SwiGLU inner size
+    vocab_size: Count = 32000  # the tokenizer's size (at least)
+    make_vocab_size_divisible_by: Count = 128  # embedding rows are padded for tensor parallelism
+    seq_length: Count = 256  # tokens per training sample (and RoPE positions)
+    norm_epsilon: Positive = 1e-5  # RMSNorm epsilon
+    rotary_base: Positive = 10000.0  # RoPE theta
     tie_embeddings: bool = False  # output layer shares the embedding weights
-    init_method_std: float = 0.02  # normal init of the weights
+    init_method_std: Positive = 0.02  # normal init of the weights
 
     @property
     def query_groups(self) -> int:
@@ -77,14 +117,14 @@ class ModelConfig:
 class ParallelConfig:
     """How the model is split over the processes; data parallelism takes the rest of the world."""
 
-    tensor_parallel: int = 1  # TP: must divide heads, query groups and the padded vocabulary
-    pipeline_parallel: int = 1  # PP stages
-    virtual_pipeline: int | None = None  # model chunks per stage (interleaved 1F1B)
+    tensor_parallel: Count = 1  # TP: must divide heads, query groups and the padded vocabulary
+    pipeline_parallel: Count = 1  # PP stages
+    virtual_pipeline: Count | None = None  # model chunks per stage (interleaved 1F1B)
     sequence_parallel: bool = False  # split norms and dropout along the sequence over the TP ranks (needs TP > 1)
     # uneven pipelines: layers on the first / last stage (the rest are split evenly), e.g. to
     # balance the embedding and the output layer
-    first_stage_layers: int | None = None
-    last_stage_layers: int | None = None  # layers on the last stage (uneven pipelines)
+    first_stage_layers: Count | None = None
+    last_stage_layers: Count | None = None  # layers on the last stage (uneven pipelines)
 
 
 @dataclass
@@ -98,23 +138,14 @@ class EPASConfig:
     """
 
     mode: SharingMode = "qk"  # "qk": reuse Q and K, compute V; "kv": reuse K and V, compute Q
-    num_sharing_layers: int = 0  # target size, counted from the deep end (0: no sharing)
+    num_sharing_layers: CountOrZero = 0  # target size, counted from the deep end (0: no sharing)
     sharing_layers: list[int] | None = None  # or the target as explicit 0-based layers
-    num_blocks: int = 1  # blocks the target is split into
-    block_gap: int = 1  # compute layers between two blocks
+    num_blocks: Count = 1  # blocks the target is split into
+    block_gap: Count = 1  # compute layers between two blocks
     include_last_layer: bool = True  # false: the deepest block ends one layer before the last
-    interval: int = 100  # I: steps between two growths
-    growth: int = 1  # B: layers added per growth
-    start_step: int = 0  # steps before the first growth is counted
-
-    def validate(self) -> None:
-        for key in ("interval", "growth", "num_blocks", "block_gap"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"epas.{key} must be at least 1, got {getattr(self, key)}")
-        if self.start_step < 0:
-            raise ConfigError(f"epas.start_step must be 0 or more, got {self.start_step}")
-        if self.num_sharing_layers < 0:
-            raise ConfigError(f"epas.num_sharing_layers must be 0 or more, got {self.num_sharing_layers}")
+    interval: Count = 100  # I: steps between two growths
+    growth: Count = 1  # B: layers added per growth
+    start_step: CountOrZero = 0  # steps before the first growth is counted
 
 
 @dataclass
@@ -123,11 +154,11 @@ class DataConfig:
 
     mock: bool = False  # synthetic random tokens, no files needed
     paths: list[str] | None = None  # dataset prefixes (PREFIX.bin / PREFIX.idx)
-    weights: list[float] | None = None  # blend weights, one per path (default: by size)
+    weights: list[Positive] | None = None  # blend weights, one per path (default: by size)
     split: str = "969,30,1"  # train,valid,test proportions
     tokenizer: str | None = None  # Hugging Face tokenizer folder (EOD id, vocab check)
-    micro_batch_size: int = 4  # samples per forward pass
-    global_batch_size: int = 8  # samples per optimizer step (micro-batch × data parallel × accumulation)
+    micro_batch_size: Count = 4  # samples per forward pass
+    global_batch_size: Count = 8  # samples per optimizer step (micro-batch × data parallel × accumulation)
     cache_dir: str | None = None  # where megatron-core caches dataset indices
 
 
@@ -135,38 +166,45 @@ class DataConfig:
 class OptimizerConfig:
     """Adam with warm-up and decay of the learning rate."""
 
-    lr: float = 3e-4  # peak learning rate
-    min_lr: float = 3e-5  # where the decay ends
-    warmup_steps: int = 100  # linear warm-up from 0
+    lr: Positive = 3e-4  # peak learning rate
+    min_lr: NonNegative = 3e-5  # where the decay ends (at most lr)
+    warmup_steps: CountOrZero = 100  # linear warm-up from 0
     decay_style: DecayStyle = "cosine"  # decay after the warm-up
-    weight_decay: float = 0.1  # decoupled (AdamW)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # gradient-norm clipping (0: off)
+    weight_decay: NonNegative = 0.1  # decoupled (AdamW)
+    adam_beta1: Beta = 0.9
+    adam_beta2: Beta = 0.95
+    adam_eps: Positive = 1e-8
+    clip_grad: NonNegative = 1.0  # gradient-norm clipping (0: off)
     use_distributed_optimizer: bool = False  # shard optimizer states over data parallelism (ZeRO-1)
     # pretrain_epas.py on resume: take lr, min_lr, warmup_steps, decay_style, weight_decay, Adam betas, eps from this
     # config (and re-plan the decay over training.train_steps) instead of refusing changed values
     override_on_resume: bool = False
+
+    def validate(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"optimizer.min_lr={self.min_lr} must not exceed optimizer.lr={self.lr}; the decay goes "
+                "down from lr to min_lr (set them equal for a constant rate after the warm-up)"
+            )
 
 
 @dataclass
 class TrainingConfig:
     """How long to train and when to log, evaluate and stop."""
 
-    train_steps: int = 300  # optimizer steps of the whole run
-    log_interval: int = 10  # steps per log line and TensorBoard point
-    eval_interval: int = 100  # steps between validations (0: none)
-    eval_steps: int = 5  # global batches per validation
+    train_steps: Count = 300  # optimizer steps of the whole run
+    log_interval: Count = 10  # steps per log line and TensorBoard point
+    eval_interval: CountOrZero = 100  # steps between validations (0: none)
+    eval_steps: Count = 5  # global batches per validation
     recompute: Literal["selective", "full"] | None = None  # null, "selective" (core attention) or "full"
-    recompute_num_layers: int = 1  # with recompute "full"
-    exit_duration_minutes: float | None = None  # save and stop before a job time limit
-    exit_interval: int | None = None  # save and stop at the first iteration divisible by this
-    peak_tflops: float | None = None  # per device, for MFU (e.g. 989 for H100 dense bf16)
+    recompute_num_layers: Count = 1  # with recompute "full"
+    exit_duration_minutes: Positive | None = None  # save and stop before a job time limit
+    exit_interval: Count | None = None  # save and stop at the first iteration divisible by this
+    peak_tflops: Positive | None = None  # per device, for MFU (e.g. 989 for H100 dense bf16)
     # a step whose loss or gradients are NaN/Inf is never applied nor saved: "stop" exits (the last
     # checkpoint stays the one to resume from), "skip" drops that step's update and goes on
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 10  # with on_nonfinite "skip": stop after this many skipped steps in a row
+    max_skipped_steps: Count = 10  # with on_nonfinite "skip": stop after this many skipped steps in a row
 
 
 @dataclass
@@ -174,7 +212,7 @@ class CheckpointConfig:
     """Where the run saves and what it starts from."""
 
     dir: str | None = None  # where checkpoints are written (and resumed from)
-    save_interval: int | None = None  # steps between saves (the last step is always saved)
+    save_interval: Count | None = None  # steps between saves (null: only the last step, which is always saved)
     load: str | None = None  # start from this checkpoint folder instead (e.g. a converted HF model)
     load_optimizer: bool = True  # false: take only the weights (continual pretraining)
 
@@ -196,7 +234,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     device: Literal["cpu", "cuda"] = "cpu"  # "cpu" switches on megatron_patches.cpu_bridge
     spec: Literal["local", "te"] = "local"  # "local" (megatron-core modules) or "te" (Transformer Engine, GPU)
-    seed: int = 1234  # weights, data order and dropout
+    seed: Seed = 1234  # weights, data order and dropout
 
 
 @dataclass
@@ -211,7 +249,7 @@ class FinetuneDataConfig:
 
     format: Literal["indexed", "text", "chat", "instruction"] = "indexed"  # see above
     paths: list[str] | None = None  # indexed: prefixes; others: jsonl files
-    weights: list[float] | None = None  # indexed: blend weights, one per path
+    weights: list[Positive] | None = None  # indexed: blend weights, one per path
     split: str = "98,2,0"  # indexed: train,valid,test proportions
     valid_paths: list[str] | None = None  # text, chat, instruction: validation jsonl files
     tokenizer: str | None = None  # Hugging Face tokenizer folder (default: the model folder)
@@ -219,9 +257,9 @@ class FinetuneDataConfig:
     messages_key: str = "messages"  # chat: the JSON key of a conversation
     prompt_key: str = "prompt"  # instruction: the JSON key of the prompt
     response_key: str = "response"  # instruction: the JSON key of the response
-    seq_length: int = 512  # tokens per sample (longer conversations are truncated)
-    micro_batch_size: int = 4  # samples per device and forward pass
-    global_batch_size: int = 8  # samples per optimizer step (gradient accumulation fills the rest)
+    seq_length: Annotated[int, Bound(2)] = 512  # tokens per sample (longer conversations are truncated)
+    micro_batch_size: Count = 4  # samples per device and forward pass
+    global_batch_size: Count = 8  # samples per optimizer step (gradient accumulation fills the rest)
     cache_dir: str | None = None  # indexed: where megatron-core caches dataset indices
 
 
@@ -229,13 +267,13 @@ class FinetuneDataConfig:
 class FinetuneTrainingConfig:
     """How long the Trainer runs, when it logs, evaluates and saves, and with what engine."""
 
-    train_steps: int = 100  # optimizer steps of the whole run
-    log_interval: int = 10  # steps per log line and TensorBoard point
-    eval_interval: int | None = None  # steps between validations (null: none)
-    eval_samples: int = 64  # indexed: validation samples drawn from the split
-    save_interval: int | None = None  # steps between Trainer checkpoints (the last step is always saved)
-    save_total_limit: int | None = None  # keep only the newest N Trainer checkpoints
-    exit_interval: int | None = None  # save and stop at the first step divisible by this
+    train_steps: Count = 100  # optimizer steps of the whole run
+    log_interval: Count = 10  # steps per log line and TensorBoard point
+    eval_interval: Count | None = None  # steps between validations (null: none)
+    eval_samples: Count = 64  # indexed: validation samples drawn from the split
+    save_interval: Count | None = None  # steps between Trainer checkpoints (the last step is always saved)
+    save_total_limit: Count | None = None  # keep only the newest N Trainer checkpoints
+    exit_interval: Count | None = None  # save and stop at the first step divisible by this
     output_dir: str | None = None  # Trainer checkpoints (checkpoint-N) and the final EPAS folder (model/)
     deepspeed: str | None = None  # a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
     bf16: bool = False  # bf16 mixed precision (GPU)
@@ -252,14 +290,14 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    seed: int = 1234  # weights of new layers, data order
+    seed: Seed = 1234  # weights of new layers, data order
 
 
 _YAML11_FLOAT_MISS = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
+def _suggest(name, options) -> str:
+    close = difflib.get_close_matches(str(name), list(options), n=1)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
 
 
@@ -334,12 +372,36 @@ def apply_override(config, override: str) -> None:
     if leaf not in names:
         raise ConfigError(f"unknown config key '{dotted}'{_suggest(leaf, names)}")
     hint = typing.get_type_hints(type(target))[leaf]
-    setattr(target, leaf, _coerce(yaml.safe_load(raw), hint, dotted))
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"override '{override}' would replace the whole '{dotted}' section; set its keys one "
+                          f"by one, e.g. {dotted}.{dataclasses.fields(hint)[0].name}=...")
+    setattr(target, leaf, _coerce(_parse_yaml(raw, f"override '{override}'"), hint, dotted))
+
+
+def _parse_yaml(text: str, what: str):
+    """Plain YAML data (safe_load: no tags that build objects); a problem names ``what`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(error, yaml.constructor.ConstructorError) and "tag" in (error.problem or ""):
+            tag = re.search(r"'tag:yaml\.org,2002:([^']*)'", error.problem)
+            shown = f"!!{tag.group(1)}" if tag else error.problem.rsplit(" ", 1)[-1].strip("'")
+            raise ConfigError(f"{what} uses the YAML tag '{shown}'{where}; tags are not allowed in a config, "
+                              "write plain values") from None
+        raise ConfigError(f"{what} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+    except ValueError as error:  # a standard tag with a value it cannot convert, e.g. !!int five
+        raise ConfigError(f"{what} is not valid YAML: {error}") from None
 
 
 def _merge(base: dict, changes: dict) -> dict:
+    """``base`` updated by ``changes``, section by section; a section given with no keys (``model:``
+    with every line commented out) changes nothing rather than resetting the section to the defaults."""
     merged = dict(base)
     for key, value in changes.items():
+        if value is None and isinstance(merged.get(key), dict):
+            continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             value = _merge(merged[key], value)
         merged[key] = value
@@ -348,16 +410,32 @@ def _merge(base: dict, changes: dict) -> dict:
 
 def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A preset's data; ``base: other.yaml`` (relative to the preset) is read first and updated."""
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; give a YAML file, e.g. configs/tiny_cpu.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; presets live in configs/")
     if path.resolve() in seen:
         raise ConfigError(f"config file '{path}' includes itself through 'base'")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                          f"offset {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"config file '{path}' cannot be read ({error.strerror})") from None
+    data = _parse_yaml(text, f"config file '{path}'")
+    if not isinstance(data, (dict, type(None))):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    data = dict(data or {})
     base = data.pop("base", None)
+    if base is None and not data:
+        raise ConfigError(f"config file '{path}' is empty; a preset sets some keys or names its 'base: other.yaml' "
+                          "(an empty one would train the built-in defaults)")
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file '{path}': base must be a preset file name such as tiny_cpu.yaml, "
+                          f"got {base!r}")
     return _merge(_read_preset(path.parent / base, seen + (path.resolve(),)), data)
 
 
@@ -372,14 +450,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
     return config
 
 
-def validate_sections(config) -> None:
-    """Each section's own checks (the ones that need no other section), deepest first."""
+def validate_sections(config, where: str | None = None) -> None:
+    """Each section's own checks (the ones that need no other section), deepest first: every number
+    against the :class:`Bound` in its type (floats must be finite), then the section's ``validate()``.
+    ``where`` is the section's key; by default the one it has in the schemas (``epas`` for EPASConfig)."""
+    where = _SECTION_KEYS.get(type(config), "") if where is None else where
+    hints = typing.get_type_hints(type(config), include_extras=True)
     for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
+        value, key = getattr(config, item.name), f"{where}.{item.name}" if where else item.name
         if dataclasses.is_dataclass(value):
-            validate_sections(value)
+            validate_sections(value, key)
+        else:
+            _check_range(value, hints[item.name], key)
     if hasattr(config, "validate"):
         config.validate()
+
+
+def _check_range(value, hint, where: str) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        _check_range(value, args[0], where)
+        for bound in args[1:]:
+            if isinstance(bound, Bound) and not bound.allows(value):
+                raise ConfigError(f"{where} must be {bound.phrase()}, got {value!r}")
+    elif origin in (typing.Union, types.UnionType) and value is not None:
+        for option in args:
+            if option is not type(None):
+                _check_range(value, option, where)
+    elif origin is list and value is not None:
+        for index, item in enumerate(value):
+            _check_range(item, args[0], f"{where}[{index}]")
+    elif hint is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+
+
+_SECTION_KEYS = {
+    typing.get_type_hints(schema)[item.name]: item.name
+    for schema in (RunConfig, FinetuneConfig)
+    for item in dataclasses.fields(schema)
+    if dataclasses.is_dataclass(typing.get_type_hints(schema)[item.name])
+}
 
 
 def load_for_entry_point(path, overrides, validate, schema=RunConfig):
@@ -416,6 +526,9 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Annotated:
+        inner, *marks = typing.get_args(hint)
+        return " ".join([_type_name(inner), *(str(mark) for mark in marks if isinstance(mark, Bound))])
     if typing.get_origin(hint) is Literal:
         return " | ".join(repr(choice) for choice in typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -440,7 +553,7 @@ def describe(schema=RunConfig) -> str:
 
 
 def _section_table(cls, prefix: str, only=None) -> list[str]:
-    hints, docs, default = typing.get_type_hints(cls), field_docs(cls), cls()
+    hints, docs, default = typing.get_type_hints(cls, include_extras=True), field_docs(cls), cls()
     doc = inspect.cleandoc(cls.__doc__ or "") if prefix and not cls.__doc__.startswith(cls.__name__) else ""
     rows = [doc.split("\n\n")[0].replace("\n", " "), ""] if doc else []
     rows += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
@@ -461,6 +574,13 @@ def config_reference() -> str:
         "Generated from `epas/config.py` by `python -m epas.config > docs/CONFIG.md` (a test keeps it current).\n"
         "A preset (`configs/*.yaml`, optionally `base: other.yaml`) sets any of them; `section.key=value` on the\n"
         "command line overrides one (the value is read as YAML: `data.paths=[a,b]`, `training.recompute=null`).\n\n"
+        "- A number's range is part of its type (`int ≥ 1`, `float > 0`, `float in [0, 1)`) and is checked on the\n"
+        "  final values, after every override; every float must also be finite (`.nan`, `.inf` are refused).\n"
+        "- A preset with nothing in it (empty, only comments, `{}`) is refused rather than training the defaults.\n"
+        "- In a preset with a `base:`, a section is merged key by key into the base's; a section given with no\n"
+        "  keys (`model:` with every line commented out) changes nothing\n"
+        "  (a key given with no value, by contrast, is set to null).\n"
+        "- Presets are plain YAML in UTF-8: tags (`!!python/...`, `!!int`, ...) are refused.\n\n"
         "## `pretrain_epas.py`\n\n" + describe(RunConfig) + "\n"
         "## `finetune_epas.py`\n\n" + describe(FinetuneConfig)
     )
