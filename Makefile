@@ -10,7 +10,7 @@ OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
 # The Hugging Face model tests: the model and its cache, conversion, the generate benchmark.
 HF_TESTS := tests/test_hf_model.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
-.PHONY: setup demo demo-finetune test test-quick test-oldest test-gpu test-slurm bench-cpu lock
+.PHONY: setup demo demo-finetune test test-quick test-oldest test-gpu test-slurm bench-cpu lock mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test:
 # The edit loop: the unit tests without the multi-process and end-to-end runs (marker `slow`).
 test-quick:
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+# Mutation testing of the EPAS core with mutmut, by hand (not part of `make test`): about 30 minutes on 2 cores.
+# It works in a copy outside the repository and writes runs/mutation/report.md; MUTANTS="pattern ..." runs only
+# those mutants, MUTATION_FROM=<commit> tests a commit instead of the working tree. See docs/TESTING.md.
+mutation:
+	VENV=$(VENV) bash tools/mutation/run.sh $(MUTANTS)
 
 # The Hugging Face model tests once more with the oldest transformers pyproject.toml allows, in a small
 # second environment (locks/oldest.in); the project itself is installed there without dependencies.

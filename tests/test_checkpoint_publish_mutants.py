@@ -1,0 +1,106 @@
+"""The checkpoint publish sequence in one process: a save stopped at any step leaves ``latest`` on a complete
+checkpoint whose weights are those saved at that iteration, and the next save completes and cleans up.
+
+The quick, single-process twin of the kill tests in tests/test_training.py (which kill a real training run):
+it runs under ``make mutation``, so each step of ``checkpointing.save`` is checked by a test that can reach it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from epas.config import to_dict
+from megatron_patches.model import build_model
+from megatron_training import checkpointing
+from tests.model_utils import tiny_run
+
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
+
+
+class Killed(BaseException):
+    """Stands for the process dying: no ``except Exception`` of the code under test catches it."""
+
+
+def _weights(model, iteration: int) -> dict[str, torch.Tensor]:
+    """Give every parameter values that name the iteration, so a loaded checkpoint shows which one it is."""
+    with torch.no_grad():
+        for index, param in enumerate(model.parameters()):
+            param.fill_(iteration + index / 100)
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def _resumed_iteration(root: Path, run) -> int:
+    """What the next start resumes from: ``latest``'s checkpoint, loaded, with the weights saved at it."""
+    path = checkpointing.resolve(root)
+    model = build_model(run)
+    state = checkpointing.load(path, [model], None, run)
+    expected = _weights(build_model(run), state["iteration"])
+    for name, param in model.named_parameters():
+        assert torch.equal(param, expected[name]), name
+    assert path == checkpointing.iteration_dir(root, state["iteration"]) and state["tokens"] == 10 * state["iteration"]
+    return state["iteration"]
+
+
+def _save(root: Path, iteration: int, run) -> Path:
+    model = build_model(run)
+    _weights(model, iteration)
+    return checkpointing.save(root, iteration, [model], None, {"tokens": 10 * iteration}, run)
+
+
+def test_a_complete_save_publishes_the_folder_then_latest(tmp_path):
+    run = tiny_run(num_layers=2)
+    root = tmp_path / "new" / "checkpoints"  # made by the first save
+    for iteration in (3, 5):
+        assert _save(root, iteration, run) == root / f"iter_{iteration:07d}"
+        assert checkpointing.latest_iteration(root) == iteration
+        assert _resumed_iteration(root, run) == iteration
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000005", "latest"]
+    assert (root / "latest").read_text() == "5\n"
+    assert yaml.safe_load((root / "iter_0000005" / "run_config.yaml").read_text()) == to_dict(run)
+
+
+# where the process dies during the save of iteration 4 -> what is on disk besides iter_0000002 and latest
+STOPS = {
+    "writing the data": ["iter_0000004.tmp"],
+    "renaming the folder": ["iter_0000004.tmp"],
+    "moving latest": ["iter_0000004", "latest.tmp"],
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_save_stopped_at_any_step_leaves_latest_on_a_complete_checkpoint(tmp_path, monkeypatch, stop):
+    run = tiny_run(num_layers=2)
+    root = tmp_path / "checkpoints"
+    _save(root, 2, run)
+    write, replace = checkpointing.dist_checkpointing.save, checkpointing.os.replace
+
+    def write_and_die(state, directory, *args, **kwargs):
+        if stop == "writing the data":
+            Path(directory, "half_a_shard").write_bytes(b"\0")
+            raise Killed
+        return write(state, directory, *args, **kwargs)
+
+    def replace_and_die(source, target):
+        dying = {"renaming the folder": "iter_0000004", "moving latest": "latest"}.get(stop)
+        if Path(target).name == dying:
+            raise Killed
+        replace(source, target)
+
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", write_and_die)
+    monkeypatch.setattr(checkpointing.os, "replace", replace_and_die)
+    with pytest.raises(Killed):
+        _save(root, 4, run)
+    monkeypatch.undo()
+
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted(["iter_0000002", "latest", *STOPS[stop]])
+    assert (root / "latest").read_text() == "2\n"
+    assert _resumed_iteration(root, run) == 2
+    # the resumed run reaches iteration 4 again and saves it
+    assert _save(root, 4, run) == root / "iter_0000004"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
+    assert _resumed_iteration(root, run) == 4
