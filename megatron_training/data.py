@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -10,7 +10,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from epas.config import RunConfig
-from epas.data.indexed import check_indexed_files
+from epas.data.indexed import check_indexed_files, index_fingerprint
 from epas.data.tokenizer import load_tokenizer
 from epas.errors import ConfigError
 
@@ -46,8 +46,27 @@ def token_ids(run: RunConfig) -> TokenIds:
     return TokenIds(tokenizer.eos_token_id, run.model.vocab_size, run.data.tokenizer)
 
 
+@dataclass
+class FingerprintedGPTDatasetConfig(GPTDatasetConfig):
+    """GPTDatasetConfig with a fingerprint of each dataset's files, part of the cache key."""
+
+    data_fingerprints: dict[str, str] = field(default_factory=dict)  # prefix -> index_fingerprint(prefix)
+
+
+class FingerprintedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset whose cached indices are keyed to the data they were built from.
+
+    Stock GPTDataset keys its cache on the paths and settings only: data rewritten at the same prefix
+    would reuse the old documents' indices and fail with an IndexError, or read wrong samples.
+    """
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return [*GPTDataset._key_config_attributes(), "data_fingerprints"]
+
+
 def check_data_files(run: RunConfig) -> None:
-    """Fail before start-up if a dataset prefix lacks its .bin or .idx file."""
+    """Fail before start-up if a dataset prefix lacks its .bin or .idx file, or the two do not match."""
     if run.data.mock:
         return
     if not run.data.paths:
@@ -68,7 +87,7 @@ def gpt_datasets(blend, split: str, seq_length: int, seed: int, tokens: TokenIds
 
     Each sample holds ``seq_length`` tokens and the ``seq_length`` next tokens as labels.
     """
-    config = GPTDatasetConfig(
+    config = FingerprintedGPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=blend,
@@ -80,8 +99,9 @@ def gpt_datasets(blend, split: str, seq_length: int, seed: int, tokens: TokenIds
         create_attention_mask=False,
         path_to_cache=cache_dir,
         mmap_bin_files=True,
+        data_fingerprints={} if blend is None else {prefix: index_fingerprint(prefix) for prefix in blend[0]},
     )
-    dataset_class = MockGPTDataset if blend is None else GPTDataset
+    dataset_class = MockGPTDataset if blend is None else FingerprintedGPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(
         dataset_class, [*sizes, 0], lambda: True, config
     ).build()

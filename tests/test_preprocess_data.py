@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from transformers import AutoTokenizer
 from megatron_training.data import TokenIds
 from epas.data.demo_corpus import build_demo_corpus
 from epas.data.preprocess import main, preprocess
+from epas.errors import InputError
 
 # Empty, blank and null texts are skipped; the rest covers non-ASCII text and a long document.
 TEXTS = ["The quick brown fox.", "", "Ünïcödé — text ✓ 你好", "   \n", None, "line one\nline two\n",
@@ -156,6 +158,20 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, tokenizer_dir, capsys):
     assert read_documents(tmp_path / "out") == expected_documents(tokenizer_dir, ["new text"])
 
 
+@pytest.mark.parametrize("texts", [[], ["", "   ", None]], ids=["empty file", "no text"])
+def test_input_without_a_document_is_refused_and_old_output_is_kept(tmp_path, tokenizer_dir, capsys, texts):
+    args = ["--input", str(write_jsonl(tmp_path / "docs.jsonl", ["old"])), "--output-prefix",
+            str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--overwrite"]
+    assert main(args) == 0
+    old_bytes = [(tmp_path / f"out{suffix}").read_bytes() for suffix in (".bin", ".idx")]
+    write_jsonl(tmp_path / "docs.jsonl", texts)
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    assert f"error: no document with text in {tmp_path}/docs.jsonl ({len(texts)} empty ones skipped)" in stderr
+    assert [(tmp_path / f"out{suffix}").read_bytes() for suffix in (".bin", ".idx")] == old_bytes
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["docs.jsonl", "out.bin", "out.idx"]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
     info, built = build_demo_corpus(tmp_path_factory.mktemp("demo") / "data", vocab_size=512)
@@ -190,3 +206,50 @@ def test_gpt_dataset_reads_the_demo_corpus(demo, tmp_path):
         assert sample["tokens"].shape == sample["labels"].shape == (seq_length,)
         assert 0 <= int(sample["tokens"].min()) and int(sample["tokens"].max()) < 512
     assert any((sample["tokens"] == demo["eos_id"]).any() for sample in samples)  # documents are packed
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    """The demo build on 40 help topics instead of 1,700 documents: seconds instead of a minute."""
+    from epas.data import demo_corpus
+
+    monkeypatch.setattr(demo_corpus, "demo_documents", lambda: demo_corpus.help_topic_documents()[:40])
+    return demo_corpus
+
+
+def test_demo_build_touches_no_file_it_did_not_write(tmp_path, small_demo):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "mine.txt").write_text("a user's file")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    before = files_under(tmp_path)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}/tokenizer already exists") + ".*pass --rebuild"):
+        small_demo.build_demo_corpus(tmp_path, vocab_size=300)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}/tokenizer/mine.txt was not written by")):
+        small_demo.build_demo_corpus(tmp_path, vocab_size=300, rebuild=True)
+    assert files_under(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == [
+        "notes.txt", "tokenizer"]
+
+
+def test_demo_build_replaces_its_own_files_only_with_rebuild(tmp_path, small_demo, capsys):
+    (tmp_path / "notes.txt").write_text("a user's file")
+    info, built = small_demo.build_demo_corpus(tmp_path, vocab_size=300)
+    written = [*(tmp_path / f"corpus{suffix}" for suffix in (".jsonl", ".bin", ".idx")),
+               *(tmp_path / "tokenizer").iterdir()]
+    assert built and sorted(info["files"]) == sorted(str(path.relative_to(tmp_path)) for path in written)
+    first = files_under(tmp_path)
+    assert small_demo.main(["--output-dir", str(tmp_path), "--vocab-size", "260"]) == 2
+    assert ("corpus.jsonl already exists (a demo build for --vocab-size 300 on Python"
+            in capsys.readouterr().err)
+    assert files_under(tmp_path) == first
+
+    info, built = small_demo.build_demo_corpus(tmp_path, vocab_size=260, rebuild=True)
+    assert built and info["vocab_size"] == 260 and len(AutoTokenizer.from_pretrained(info["tokenizer"])) == 260
+    rebuilt = files_under(tmp_path)
+    assert rebuilt["notes.txt"] == first["notes.txt"] and rebuilt.keys() == first.keys()  # nothing left behind
+    assert rebuilt["corpus.bin"] != first["corpus.bin"]
+    assert read_documents(tmp_path / "corpus") == expected_documents(
+        tmp_path / "tokenizer", [document["text"] for document in small_demo.demo_documents()])

@@ -13,7 +13,9 @@ plus the docstrings of some stdlib modules, all under the PSF licence: about 1,7
     build_info.json    sizes and settings, written last: its presence means the build is complete
 
 Train on it with data.paths=[DIR/corpus] data.tokenizer=DIR/tokenizer. The output is the same on
-every run with the same Python version; a finished build is left alone unless --rebuild is given.
+every run with the same Python version. Only these files are written: if any of them is already
+there the build stops and names --rebuild, which replaces them (and only them); a finished build
+with the same settings is left alone.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import platform
 import shutil
 import sys
+import tempfile
 import warnings
 from importlib import import_module
 from pathlib import Path
@@ -45,6 +49,7 @@ DOCSTRING_MODULES = (
 )
 BOS, EOS = "<s>", "</s>"
 CORPUS, TOKENIZER, BUILD_INFO = "corpus", "tokenizer", "build_info.json"
+CORPUS_FILES = (f"{CORPUS}.jsonl", f"{CORPUS}.bin", f"{CORPUS}.idx")  # .idx after .bin: see install()
 
 
 def help_topic_documents() -> list[dict]:
@@ -99,30 +104,63 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
 
 def build_demo_corpus(output_dir: str | Path = "data/demo", vocab_size: int = 512,
                       rebuild: bool = False) -> tuple[dict, bool]:
-    """Build (or find already built) the demo data; returns its build info and whether it was built."""
+    """Build (or find already built) the demo data; returns its build info and whether it was built.
+
+    Only the build's own files are written (``corpus.*``, ``tokenizer/``, ``build_info.json``), and
+    any of them already there only with ``rebuild``; nothing else in ``output_dir`` is touched. The
+    build is made in a temporary folder beside them and moved into place when complete.
+    """
     output_dir = Path(output_dir)
-    info_path = output_dir / BUILD_INFO
     settings = {"vocab_size": vocab_size, "python": platform.python_version()}
-    outputs = [output_dir / f"{CORPUS}{suffix}" for suffix in (".jsonl", ".bin", ".idx")]
-    outputs.append(output_dir / TOKENIZER / "tokenizer.json")
-    if info_path.is_file() and all(path.is_file() for path in outputs) and not rebuild:
-        info = json.loads(info_path.read_text())
-        if {key: info.get(key) for key in settings} == settings:
-            return info, False
     if vocab_size < 258:
         raise InputError(f"--vocab-size {vocab_size} is too small: the 256 bytes and 2 special "
                          "tokens need 258")
+    existing = [output_dir / name for name in (*CORPUS_FILES, TOKENIZER, BUILD_INFO) if (output_dir / name).exists()]
+    if existing and not rebuild:
+        info = finished_build(output_dir)
+        if info is not None and {key: info.get(key) for key in settings} == settings:
+            return info, False
+        state = ("not a finished demo build" if info is None else
+                 f"a demo build for --vocab-size {info.get('vocab_size')} on Python {info.get('python')}")
+        raise InputError(f"{existing[0]} already exists ({state}); pass --rebuild to replace the demo corpus's "
+                         f"files in {output_dir} (nothing else there is touched), or choose another --output-dir")
 
-    info_path.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build_demo_corpus-", dir=output_dir))
+    try:
+        info = build_into(staging, settings, output_dir)
+        install(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return info, True
+
+
+def read_build_info(output_dir: Path) -> dict | None:
+    """``output_dir``'s build_info.json, or None where there is none that reads."""
+    try:
+        return json.loads((output_dir / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_build(output_dir: Path) -> dict | None:
+    """The build info of a complete build in ``output_dir``, else None."""
+    info = read_build_info(output_dir)
+    if info is None:
+        return None
+    files = info.get("files", [*CORPUS_FILES, f"{TOKENIZER}/tokenizer.json"])
+    return info if all((output_dir / name).is_file() for name in files) else None
+
+
+def build_into(staging: Path, settings: dict, output_dir: Path) -> dict:
+    """Every file of the build, in ``staging``; returns the build info (paths as they will be in ``output_dir``)."""
     documents = demo_documents()
-    jsonl_path = output_dir / f"{CORPUS}.jsonl"
+    jsonl_path = staging / f"{CORPUS}.jsonl"
     with jsonl_path.open("w", encoding="utf-8") as file:
         file.writelines(json.dumps(document, ensure_ascii=False) + "\n" for document in documents)
-    tokenizer_dir = output_dir / TOKENIZER
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    train_tokenizer([document["text"] for document in documents], vocab_size, tokenizer_dir)
-    summary = preprocess([jsonl_path], output_dir / CORPUS, tokenizer_dir, overwrite=True, progress=False)
+    tokenizer_dir = staging / TOKENIZER
+    train_tokenizer([document["text"] for document in documents], settings["vocab_size"], tokenizer_dir)
+    summary = preprocess([jsonl_path], staging / CORPUS, tokenizer_dir, progress=False)
     info = {
         **settings,
         "documents": summary.documents,
@@ -130,10 +168,38 @@ def build_demo_corpus(output_dir: str | Path = "data/demo", vocab_size: int = 51
         "tokens": summary.tokens,
         "eos_id": load_tokenizer(tokenizer_dir).eos_token_id,
         "data_path": str(output_dir / CORPUS),
-        "tokenizer": str(tokenizer_dir),
+        "tokenizer": str(output_dir / TOKENIZER),
+        "files": [*CORPUS_FILES, *sorted(f"{TOKENIZER}/{path.name}" for path in tokenizer_dir.iterdir())],
     }
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-    return info, True
+    (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def install(staging: Path, output_dir: Path) -> None:
+    """Move the build's files from ``staging`` into ``output_dir``, replacing only files of the same name.
+
+    A tokenizer folder holding a file that neither this build nor the one before wrote is refused: it
+    would be mixed into the tokenizer (a special_tokens_map.json, say, changes its special tokens).
+    build_info.json goes first and comes back last, so an interrupted install reads as unfinished.
+    """
+    tokenizer_dir = output_dir / TOKENIZER
+    if tokenizer_dir.exists():
+        previous = (read_build_info(output_dir) or {}).get("files", [])
+        ours = {*previous, *(f"{TOKENIZER}/{path.name}" for path in (staging / TOKENIZER).iterdir())}
+        if not tokenizer_dir.is_dir():
+            raise InputError(f"{tokenizer_dir} is a file, where the demo tokenizer folder goes; "
+                             "move it or choose another --output-dir")
+        for path in sorted(tokenizer_dir.iterdir()):
+            if f"{TOKENIZER}/{path.name}" not in ours:
+                raise InputError(f"{path} was not written by tools/build_demo_corpus.py and would be mixed into "
+                                 "the demo tokenizer; move it out of that folder or choose another --output-dir")
+    (output_dir / BUILD_INFO).unlink(missing_ok=True)
+    tokenizer_dir.mkdir(exist_ok=True)
+    for path in (staging / TOKENIZER).iterdir():
+        os.replace(path, tokenizer_dir / path.name)
+    (output_dir / f"{CORPUS}.idx").unlink(missing_ok=True)  # a new .bin never pairs with the old .idx
+    for name in (*CORPUS_FILES, BUILD_INFO):
+        os.replace(staging / name, output_dir / name)
 
 
 def main(argv=None) -> int:
@@ -142,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=512,
                         help="tokenizer size, at most model.vocab_size (default: %(default)s, as in "
                              "configs/tiny_cpu.yaml)")
-    parser.add_argument("--rebuild", action="store_true", help="build again even if the data is there")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build again, replacing the files of a build already in --output-dir")
     args = parser.parse_args(argv)
     return cli.run(lambda: _build_and_report(args))
 

@@ -255,6 +255,9 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
                 bar.update(len(encoded.lengths) + encoded.empty)
                 tokens_per_s = tokens / (time.perf_counter() - started)
                 bar.set_postfix_str(f"{tokens:,} tokens, {tokens_per_s:,.0f} tokens/s", refresh=False)
+        if documents == 0:  # megatron-core cannot open an empty dataset ("cannot mmap an empty file")
+            raise InputError(f"no document with text in {', '.join(map(str, paths))} ({empty:,} empty ones "
+                             f"skipped); nothing written to {output_prefix}.bin/.idx; give input that holds text")
         builder.finalize(str(idx_tmp))
     except BaseException:
         builder.data_file.close()
