@@ -1,23 +1,33 @@
 """Convert checkpoints between Hugging Face LLaMA folders and this recipe's torch_dist checkpoints.
 
-    python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output CKPT_DIR
-    python tools/convert_checkpoint.py megatron-to-hf --input CKPT_DIR --output HF_DIR \\
+    python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output CKPT_DIR [--overwrite]
+    python tools/convert_checkpoint.py megatron-to-hf --input CKPT_DIR --output HF_DIR [--overwrite] \\
         [--iteration N] [--sharing-layers 8,9,10] [--dtype bfloat16] [--tokenizer DIR]
 
 hf-to-megatron writes ``CKPT_DIR/iter_0000000`` (weights only, loadable at any TP/PP layout)
 and the tokenizer into ``CKPT_DIR/tokenizer``; train from it with ``checkpoint.load=CKPT_DIR
 checkpoint.load_optimizer=false``. megatron-to-hf writes a folder that loads with
 ``AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)``; its ``sharing_layers``
-are the region the checkpoint had reached (override with --sharing-layers, any subset of it).
-Both run on CPU as a single process.
+are the region the checkpoint had reached (override with --sharing-layers, any subset of it), and
+its bos/eos/pad token ids are the tokenizer's. Both run on CPU as a single process.
+
+Either direction writes everything into ``OUTPUT.tmp-<pid>`` beside OUTPUT and renames it to OUTPUT
+as its last step, so a killed conversion leaves no OUTPUT that loads as complete; the next one removes
+the leftover. A non-empty OUTPUT is refused unless --overwrite is given, and then it is removed only
+once the new folder is in place.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +44,10 @@ from megatron_training import checkpointing, distributed
 from megatron_training.hf_weights import hf_to_megatron, megatron_to_hf, read_hf_state_dict
 
 TOKENIZER_DIR = "tokenizer"
+# Beside OUTPUT: OUTPUT.tmp-<pid> is a conversion being written, OUTPUT.old-<pid> the OUTPUT that an
+# --overwrite conversion replaces, until the new one has taken its name.
+STAGING, SET_ASIDE = "tmp", "old"
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _single_process(run: RunConfig) -> RunConfig:
@@ -58,31 +72,30 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
-def hf_to_megatron_checkpoint(source: Path, output: Path) -> Path:
+def hf_to_megatron_checkpoint(source: Path, output: Path, overwrite: bool = False) -> Path:
     config_file = source / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{config_file} not found: --input must be a Hugging Face model folder")
-    if (output / checkpointing.LATEST).exists():
-        raise ConfigError(f"{output} already holds a checkpoint; choose an empty --output")
     model = model_config_from_hf(json.loads(config_file.read_text()))
     tokenizer = _load_tokenizer(source, model.vocab_size) if _has_tokenizer(source) else None
-    weights = hf_to_megatron(read_hf_state_dict(source), model)
-
-    run = _single_process(RunConfig(model=model))
-    megatron_model = build_model(run)
-    state = megatron_model.state_dict()
-    missing = [name for name in state if name not in weights and not name.endswith("_extra_state")]
-    if missing:
-        raise ConfigError(f"no Hugging Face weights for {missing[:5]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            if state[name].shape != tensor.shape:
-                raise ConfigError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(state[name].shape)}")
-            state[name].copy_(tensor)
-    path = checkpointing.save(output, 0, [megatron_model], None, {"weights_only": True}, run)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
-    distributed.shutdown()
+    with _staged_output(output, overwrite, reads=[source]) as staging:
+        weights = hf_to_megatron(read_hf_state_dict(source), model)
+        run = _single_process(RunConfig(model=model))
+        megatron_model = build_model(run)
+        state = megatron_model.state_dict()
+        missing = [name for name in state if name not in weights and not name.endswith("_extra_state")]
+        if missing:
+            raise ConfigError(f"no Hugging Face weights for {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                if state[name].shape != tensor.shape:
+                    raise ConfigError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(state[name].shape)}")
+                state[name].copy_(tensor)
+        saved = checkpointing.save(staging, 0, [megatron_model], None, {"weights_only": True}, run)
+        distributed.shutdown()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+    path = output / saved.relative_to(staging)
     print(f"wrote {path}" + (f" and {output / TOKENIZER_DIR}" if tokenizer is not None else ""))
     print("model section for your preset:\n" + yaml.safe_dump({"model": to_dict(model)}, sort_keys=False))
     return path
@@ -99,52 +112,140 @@ def _checkpoint_path(source: Path, iteration: int | None) -> Path:
 
 def megatron_to_hf_checkpoint(
     source: Path, output: Path, iteration: int | None, sharing_layers: list[int] | None,
-    dtype: str | None, tokenizer_dir: Path | None,
+    dtype: str | None, tokenizer_dir: Path | None, overwrite: bool = False,
 ) -> Path:
     from megatron.core import dist_checkpointing
 
     from epas_hf import EpasLlamaConfig, EpasLlamaForCausalLM, write_model_files
 
     path = _checkpoint_path(source, iteration)
-    if output.exists() and any(output.iterdir()):
-        raise ConfigError(f"{output} is not empty; choose a new --output folder")
     common = dist_checkpointing.load_common_state_dict(str(path))
     run = from_dict(RunConfig, common["config"])
-    trained = ()
-    if "epas_scheduler" in common:
-        scheduler = SharingScheduler(run.model.num_layers, run.epas)
-        scheduler.load_state_dict(common["epas_scheduler"])
-        trained = scheduler.current
-    trained_dtype = torch.bfloat16 if run.device == "cuda" else torch.float32
-    run = _single_process(run)
-    megatron_model = build_model(run)
-    checkpointing.load(path, [megatron_model], None, run)
-    weights = megatron_to_hf(megatron_model.state_dict(), run.model)
-    del megatron_model
-    distributed.shutdown()
-
-    config = EpasLlamaConfig(
-        **hf_config_from_model(run.model, trained if sharing_layers is None else sharing_layers, run.epas.mode, trained)
-    )
-    config.auto_map = write_model_files(output)
-    with torch.device("meta"):
-        hf_model = EpasLlamaForCausalLM(config)
-    result = hf_model.load_state_dict(weights, assign=True, strict=False)
-    expected_missing = ["lm_head.weight"] if config.tie_word_embeddings else []
-    if result.unexpected_keys or sorted(result.missing_keys) != expected_missing:
-        raise ConfigError(f"weights do not match the LLaMA layout: {result}")
-    hf_model.tie_weights()
-    hf_model.to(cli.DTYPES[dtype] if dtype else trained_dtype)
-    hf_model.save_pretrained(str(output), max_shard_size="5GB")
-
     tokenizer_dir = tokenizer_dir or _default_tokenizer(run, source)
-    if tokenizer_dir is not None:
-        _load_tokenizer(tokenizer_dir, run.model.vocab_size).save_pretrained(str(output))
-    else:
-        warnings.warn("no tokenizer found (give --tokenizer DIR); the folder holds the model only")
+    tokenizer = _load_tokenizer(tokenizer_dir, run.model.vocab_size) if tokenizer_dir is not None else None
+    if tokenizer is None:
+        warnings.warn("no tokenizer found (give --tokenizer DIR): the folder holds the model only, and its "
+                      "bos/eos/pad token ids are left unset (null) in config.json and generation_config.json")
+    with _staged_output(output, overwrite, reads=[source, tokenizer_dir]) as staging:
+        trained = ()
+        if "epas_scheduler" in common:
+            scheduler = SharingScheduler(run.model.num_layers, run.epas)
+            scheduler.load_state_dict(common["epas_scheduler"])
+            trained = scheduler.current
+        trained_dtype = torch.bfloat16 if run.device == "cuda" else torch.float32
+        run = _single_process(run)
+        megatron_model = build_model(run)
+        checkpointing.load(path, [megatron_model], None, run)
+        weights = megatron_to_hf(megatron_model.state_dict(), run.model)
+        del megatron_model
+        distributed.shutdown()
+
+        config = EpasLlamaConfig(
+            **hf_config_from_model(run.model, trained if sharing_layers is None else sharing_layers, run.epas.mode,
+                                   trained),
+            **{name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_IDS},  # generation_config.json too
+        )
+        config.auto_map = write_model_files(staging)
+        with torch.device("meta"):
+            hf_model = EpasLlamaForCausalLM(config)
+        result = hf_model.load_state_dict(weights, assign=True, strict=False)
+        expected_missing = ["lm_head.weight"] if config.tie_word_embeddings else []
+        if result.unexpected_keys or sorted(result.missing_keys) != expected_missing:
+            raise ConfigError(f"weights do not match the LLaMA layout: {result}")
+        hf_model.tie_weights()
+        hf_model.to(cli.DTYPES[dtype] if dtype else trained_dtype)
+        hf_model.save_pretrained(str(staging), max_shard_size="5GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
     print(f"wrote {output} from {path}: sharing_layers={list(config.sharing_layers)} "
           f"(trained region {list(trained)}), mode {config.sharing_mode}")
     return output
+
+
+@contextmanager
+def _staged_output(output: Path, overwrite: bool, reads: list[Path | None]) -> Iterator[Path]:
+    """A fresh folder beside ``output`` to write the conversion into, renamed to ``output`` once the block
+    completes; on an error it is removed, and a kill leaves it under a name nothing loads."""
+    output = Path(os.path.abspath(output))  # a real name to put siblings beside ("." has none)
+    if not output.name:
+        raise ConfigError(f"--output {output} is the file system's root; name a new folder for the conversion")
+    _settle_leftovers(output)  # first: it may put back an OUTPUT that the checks below must see
+    _refuse_output(output, overwrite, [path for path in reads if path is not None])
+    staging = _sibling(output, STAGING, os.getpid())
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(staging, output)
+
+
+def _sibling(output: Path, kind: str, pid: int) -> Path:
+    return output.with_name(f"{output.name}.{kind}-{pid}")
+
+
+def _refuse_output(output: Path, overwrite: bool, reads: list[Path]) -> None:
+    """Refuse an ``output`` whose replacement would lose something the user did not ask to replace."""
+    for path in reads:
+        if output.resolve() in (path.resolve(), *path.resolve().parents):
+            raise ConfigError(f"--output {output} holds {path}, which this conversion reads; choose another --output")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a folder (a new one, or an old one with --overwrite)")
+    names = sorted(item.name for item in output.iterdir()) if output.is_dir() else []
+    if names and not overwrite:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ConfigError(
+            f"--output {output} is not empty (it holds {shown}); choose a new folder, or give --overwrite to "
+            "replace it (its contents are removed only once the new conversion is complete)"
+        )
+
+
+def _settle_leftovers(output: Path) -> None:
+    """Deal with what killed conversions into ``output`` left beside it: a staging folder is removed; an
+    ``output`` set aside by --overwrite is put back if the new one never took its place, else removed."""
+    if not output.parent.is_dir():
+        return
+    leftover = re.compile(re.escape(output.name) + rf"\.({STAGING}|{SET_ASIDE})-(\d+)")
+    for path in sorted(output.parent.iterdir()):
+        match = leftover.fullmatch(path.name)
+        if match is None:
+            continue
+        kind, pid = match.group(1), int(match.group(2))
+        if pid != os.getpid() and _is_running(pid):
+            raise ConfigError(
+                f"{path} belongs to process {pid}, still running: another conversion into {output}? Wait for "
+                f"it to finish, or remove {path} if process {pid} is not a conversion"
+            )
+        if kind == SET_ASIDE and not output.exists():
+            os.replace(path, output)
+            print(f"restored {output} from {path}: a conversion with --overwrite was killed before its new "
+                  "folder was in place")
+        else:
+            shutil.rmtree(path)
+            print(f"removed {path}, left by a conversion that was killed before it finished")
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """The conversion's last step: ``staging`` becomes ``output``. An existing ``output`` is set aside
+    first and removed only once the new one is in place, so at any kill the old or the new folder is
+    complete, under ``output`` or (the old one, put back by the next run) beside it."""
+    set_aside = _sibling(output, SET_ASIDE, os.getpid()) if output.exists() else None
+    if set_aside is not None:
+        os.replace(output, set_aside)
+    os.replace(staging, output)
+    if set_aside is not None:
+        shutil.rmtree(set_aside)
 
 
 def _default_tokenizer(run: RunConfig, source: Path) -> Path | None:
@@ -161,19 +262,25 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+OVERWRITE_HELP = "replace a non-empty --output (removed only once the new folder is complete)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to_megatron = commands.add_parser("hf-to-megatron", help="Hugging Face LLaMA folder → torch_dist checkpoint")
     to_megatron.add_argument("--input", type=Path, required=True, help="Hugging Face model folder")
     to_megatron.add_argument("--output", type=Path, required=True, help="new checkpoint root")
+    to_megatron.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     to_hf = commands.add_parser("megatron-to-hf", help="torch_dist checkpoint (any layout) → Hugging Face folder")
     to_hf.add_argument("--input", type=Path, required=True, help="checkpoint root (with 'latest') or iter_N folder")
     to_hf.add_argument("--output", type=Path, required=True, help="new Hugging Face folder")
+    to_hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     to_hf.add_argument("--iteration", type=int, help="export iter_N of the checkpoint root (default: latest)")
     to_hf.add_argument("--sharing-layers", type=_layer_list, help="0-based layers in sharing mode (default: the trained region)")
     to_hf.add_argument("--dtype", choices=sorted(cli.DTYPES), help="weights dtype (default: bfloat16 for GPU runs, float32 for CPU)")
-    to_hf.add_argument("--tokenizer", type=Path, help="tokenizer folder to copy (default: the run's data.tokenizer)")
+    to_hf.add_argument("--tokenizer", type=Path, help="tokenizer folder to copy, whose bos/eos/pad ids the export "
+                       "takes (default: CKPT_DIR/tokenizer, else the run's data.tokenizer)")
     args = parser.parse_args(argv)
     return cli.run(lambda: _convert(args))
 
@@ -181,10 +288,11 @@ def main(argv=None) -> int:
 def _convert(args) -> None:
     try:
         if args.command == "hf-to-megatron":
-            hf_to_megatron_checkpoint(args.input, args.output)
+            hf_to_megatron_checkpoint(args.input, args.output, args.overwrite)
         else:
             megatron_to_hf_checkpoint(
-                args.input, args.output, args.iteration, args.sharing_layers, args.dtype, args.tokenizer
+                args.input, args.output, args.iteration, args.sharing_layers, args.dtype, args.tokenizer,
+                args.overwrite,
             )
     except (ValueError, OSError) as error:  # a sharing set the model refuses, a folder that cannot be written
         if isinstance(error, ConfigError):

@@ -1,8 +1,13 @@
-"""Checkpoint conversion both ways: logits equal transformers' LLaMA and the exported EPAS model."""
+"""Checkpoint conversion both ways: logits equal transformers' LLaMA and the exported EPAS model; the
+export's token ids are the tokenizer's; a conversion never replaces a folder unasked, and one killed at
+any step leaves nothing that loads as complete."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +25,7 @@ from tests.model_utils import relative_error
 from tests.multiprocess import run_workers, train_worker
 from megatron_training import convert as convert_checkpoint
 
-pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
+# multi-process or end-to-end tests are marked slow: make test-quick leaves them out
 
 VOCAB, SEQ = 200, 12  # 200 is padded to 256 rows inside megatron-core
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml")
@@ -108,6 +113,7 @@ def _layout_logits(checkpoint, tp=1, pp=1, sharing=()):
     return logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups, tied", [(4, False), (2, True)], ids=["mha-untied", "gqa-tied"])
 def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path, groups, tied):
     hf_model = _hf_llama(tmp_path / "hf", groups, tied)
@@ -120,6 +126,7 @@ def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path, groups,
     assert relative_error(_layout_logits(tmp_path / "ckpt", tp=2, pp=2), expected) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_megatron_to_hf_with_sharing_from_tp2_pp2_training(tmp_path, mode):
     from transformers import AutoModelForCausalLM
@@ -138,6 +145,7 @@ def test_megatron_to_hf_with_sharing_from_tp2_pp2_training(tmp_path, mode):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["sharing_layers"] == [3, 4, 5] and config["sharing_mode"] == mode
     assert "auto_map" in config and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert (config["bos_token_id"], config["eos_token_id"]) == (None, VOCAB - 1)  # the tokenizer's: no <s>
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
     with torch.no_grad():
@@ -158,6 +166,7 @@ def _error(argv) -> str:
     return stderr.getvalue()
 
 
+@pytest.mark.slow
 def test_conversion_errors(tmp_path):
     source = tmp_path / "hf"
     _hf_llama(source, 4, False)
@@ -197,6 +206,7 @@ def _export_layer_zero_worker(rank, checkpoint, output):
     return convert_checkpoint.main(["megatron-to-hf", "--input", checkpoint, "--output", output, "--sharing-layers", "0,3"])
 
 
+@pytest.mark.slow
 def test_checkpoint_shape_and_sharing_set_errors(tmp_path):
     _hf_llama(tmp_path / "hf", 4, False)
     run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
@@ -215,6 +225,7 @@ def _continue_worker(rank, run):
         distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_training_continues_from_a_converted_checkpoint(tmp_path):
     _hf_llama(tmp_path / "hf", 2, False)
     run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
@@ -228,3 +239,238 @@ def test_training_continues_from_a_converted_checkpoint(tmp_path):
     run = load_config(TINY, shape + common + [f"checkpoint.dir={tmp_path / 'b'}", "checkpoint.load_optimizer=false"])
     assert run_workers(_continue_worker, 1, run) == [2]
     assert checkpointing.latest_iteration(tmp_path / "b") == 2
+
+
+# --- token ids of the export ------------------------------------------------------------------------
+
+def _demo_llama(folder: Path) -> Path:
+    """A tiny Hugging Face LLaMA with a tokenizer made as the demo's is (<s> = 0, </s> = 1, "!" = 2: not
+    LLaMA's default bos 1 / eos 2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from epas.data.demo_corpus import help_topic_documents, train_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    train_tokenizer([document["text"] for document in help_topic_documents()[:20]], 300, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """A converted checkpoint root of :func:`_demo_llama`, with its tokenizer (only read by the tests)."""
+    root = tmp_path_factory.mktemp("demo")
+    argv = ["hf-to-megatron", "--input", str(_demo_llama(root / "hf")), "--output", str(root / "ckpt")]
+    assert run_workers(_convert_worker, 1, argv) == [0]
+    return root / "ckpt"
+
+
+def _export_with_and_without_tokenizer_worker(rank, checkpoint, with_tokenizer, without_tokenizer):
+    """Export the checkpoint root (its tokenizer/ comes along) and its iter folder (no tokenizer beside it)."""
+    status = convert_checkpoint.main(["megatron-to-hf", "--input", checkpoint, "--output", with_tokenizer])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status += convert_checkpoint.main(["megatron-to-hf", "--input", str(Path(checkpoint) / "iter_0000000"),
+                                           "--output", without_tokenizer])
+    return status, [str(warning.message) for warning in caught if "no tokenizer" in str(warning.message)]
+
+
+class _Forced:
+    """A logits processor that makes generate() emit ``tokens`` in order, whatever the model predicts."""
+
+    def __init__(self, tokens: list[int], prompt_length: int):
+        self.tokens, self.prompt_length = tokens, prompt_length
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt_length]] = 0
+        return forced
+
+
+@pytest.mark.slow
+def test_export_takes_bos_eos_pad_from_the_tokenizer(tmp_path, demo_checkpoint):
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    from epas.data.tokenizer import load_tokenizer
+
+    status, warned = run_workers(_export_with_and_without_tokenizer_worker, 1, str(demo_checkpoint),
+                                 str(tmp_path / "hf"), str(tmp_path / "bare"))[0]
+    assert status == 0
+    tokenizer = load_tokenizer(tmp_path / "hf")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    assert ids == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None}
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((tmp_path / "hf" / name).read_text())
+        assert {key: written.get(key) for key in ids} == ids, name
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    prompt = torch.tensor([[tokenizer.bos_token_id, 40, 41]])
+    llama_default_eos = 2  # "!" in this tokenizer: an export with LLaMA's defaults stops here
+    forced = [5, llama_default_eos, 7, tokenizer.eos_token_id, 9, 9]
+    output = model.generate(prompt, max_new_tokens=len(forced), do_sample=False,
+                            logits_processor=LogitsProcessorList([_Forced(forced, prompt.shape[1])]))
+    assert output[0, prompt.shape[1]:].tolist() == forced[:4]  # stops at the tokenizer's </s>
+
+    # no tokenizer to export: the ids are unset rather than LLaMA's defaults, and the export says so
+    assert len(warned) == 1 and "bos/eos/pad token ids are left unset" in warned[0]
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((tmp_path / "bare" / name).read_text())
+        assert all(written.get(key) is None for key in ids), name
+
+
+# --- what an output folder may hold, and conversions killed midway ------------------------------------
+
+def test_a_non_empty_output_is_refused_and_left_as_it_was(tmp_path):
+    source = tmp_path / "hf"
+    _hf_llama(source, 4, False)
+    output = tmp_path / "ckpt"
+    (output / "iter_0000000").mkdir(parents=True)  # an earlier conversion's, without `latest`
+    (output / "iter_0000000" / "mine.txt").write_text("keep me")
+    message = _error(["hf-to-megatron", "--input", str(source), "--output", str(output)])
+    assert f"--output {output} is not empty (it holds iter_0000000)" in message and "--overwrite" in message
+    assert sorted(p.name for p in output.rglob("*")) == ["iter_0000000", "mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no staging folder either
+
+    assert "which this conversion reads" in _error(
+        ["hf-to-megatron", "--input", str(source), "--output", str(tmp_path), "--overwrite"])
+    (tmp_path / "file").write_text("")
+    assert "is a file" in _error(["hf-to-megatron", "--input", str(source), "--output", str(tmp_path / "file")])
+
+
+def _siblings(output: Path) -> list[str]:
+    """What conversions into ``output`` left beside it."""
+    return sorted(p.name for p in output.parent.iterdir() if p.name.startswith(output.name + "."))
+
+
+def _weights(output: Path) -> str | None:
+    return (output / "weights").read_text() if output.is_dir() else None
+
+
+def _publish_killed_at(output: Path, point: str) -> None:
+    """Replace ``output`` (--overwrite) in a forked child that dies (SIGKILL) at ``point`` of publishing."""
+    pid = os.fork()
+    if pid == 0:  # the child touches files only (no torch), then dies or exits without running pytest
+        try:
+            replace = convert_checkpoint.os.replace
+
+            def replace_then_die(source, target):
+                if point == "new one complete" and Path(source) == output:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                replace(source, target)
+                if (point == "old set aside" and Path(source) == output
+                        or point == "new in place" and Path(target) == output):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            convert_checkpoint.os.replace = replace_then_die
+            with convert_checkpoint._staged_output(output, True, []) as staging:
+                (staging / "weights").write_text("new")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+# where publishing an --overwrite conversion can be killed -> what OUTPUT holds then, and after the next start
+PUBLISH_KILL_POINTS = {"new one complete": ("old", "old"), "old set aside": (None, "old"), "new in place": ("new", "new")}
+
+
+@pytest.mark.parametrize("point", PUBLISH_KILL_POINTS)
+def test_an_overwrite_killed_while_publishing_loses_neither_folder(tmp_path, point):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "weights").write_text("old")
+    _publish_killed_at(output, point)
+    killed, next_start = PUBLISH_KILL_POINTS[point]
+    assert _weights(output) == killed  # never a half-written folder under the name
+    assert _siblings(output)  # the rest is beside it, under names nothing loads
+
+    with pytest.raises(ConfigError, match="is not empty .*give --overwrite"):  # a rerun without --overwrite
+        with convert_checkpoint._staged_output(output, False, []):
+            pass
+    assert _weights(output) == next_start and _siblings(output) == []  # put back or removed, nothing lost
+    with convert_checkpoint._staged_output(output, True, []) as staging:
+        (staging / "weights").write_text("newer")
+    assert _weights(output) == "newer" and _siblings(output) == []
+
+
+def test_a_conversion_still_running_into_the_same_output_is_named(tmp_path):
+    busy = tmp_path / f"out.tmp-{os.getppid()}"  # a live process's staging folder
+    busy.mkdir()
+    with pytest.raises(ConfigError, match=f"{busy} belongs to process {os.getppid()}, still running"):
+        with convert_checkpoint._staged_output(tmp_path / "out", False, []):
+            pass
+    assert busy.is_dir() and not (tmp_path / "out").exists()
+
+
+def _killed_conversion_worker(rank, argv, point, output):
+    """Run a conversion that dies (SIGKILL) at ``point``: once the model is written but before the tokenizer,
+    or with everything written, before the rename to ``output``."""
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "before the tokenizer":
+        load = convert_checkpoint._load_tokenizer
+
+        def load_dying_tokenizer(*args):
+            tokenizer = load(*args)
+            tokenizer.save_pretrained = die
+            return tokenizer
+
+        convert_checkpoint._load_tokenizer = load_dying_tokenizer
+    else:
+        replace = convert_checkpoint.os.replace
+
+        def replace_unless_publishing(source, target):
+            if Path(output) in (Path(source), Path(target)):  # setting an old output aside, or the rename
+                die()
+            replace(source, target)
+
+        convert_checkpoint.os.replace = replace_unless_publishing
+    return convert_checkpoint.main(argv)
+
+
+CONVERSION_KILL_POINTS = ("before the tokenizer", "before the rename")
+
+
+@pytest.mark.slow
+def test_hf_to_megatron_killed_midway_keeps_the_old_folder_and_reruns(tmp_path):
+    output = tmp_path / "ckpt"
+    (output / "iter_0000000").mkdir(parents=True)  # an older conversion's (no `latest`), to be replaced
+    (output / "iter_0000000" / "old").write_text("")
+    argv = ["hf-to-megatron", "--input", str(_demo_llama(tmp_path / "hf")), "--output", str(output), "--overwrite"]
+    for point in CONVERSION_KILL_POINTS:
+        with pytest.raises(AssertionError, match="died without reporting"):
+            run_workers(_killed_conversion_worker, 1, argv, point, str(output))
+        assert sorted(p.name for p in output.rglob("*")) == ["iter_0000000", "old"]  # untouched
+        with pytest.raises(ConfigError, match="no 'latest' file"):
+            checkpointing.resolve(output)
+        assert len(_siblings(output)) == 1  # this run's staging folder: the earlier one was removed
+
+    assert run_workers(_convert_worker, 1, argv) == [0]
+    assert _siblings(output) == [] and not (output / "iter_0000000" / "old").exists()
+    assert checkpointing.resolve(output) == output / "iter_0000000"
+    assert (output / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_megatron_to_hf_killed_midway_leaves_no_loadable_folder_and_reruns(tmp_path, demo_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "hf"
+    argv = ["megatron-to-hf", "--input", str(demo_checkpoint), "--output", str(output)]
+    for point in CONVERSION_KILL_POINTS:
+        with pytest.raises(AssertionError, match="died without reporting"):
+            run_workers(_killed_conversion_worker, 1, argv, point, str(output))
+        with pytest.raises(OSError):
+            AutoModelForCausalLM.from_pretrained(str(output), trust_remote_code=True)
+        (staging,) = _siblings(output)  # this run's: the earlier one was removed
+        assert (output.parent / staging / "model.safetensors").is_file()  # written, but not under OUTPUT
+
+    assert run_workers(_convert_worker, 1, argv) == [0]
+    assert _siblings(output) == [] and (output / "tokenizer.json").is_file()
+    AutoModelForCausalLM.from_pretrained(str(output), trust_remote_code=True)
+    assert "is not empty" in _error(argv)  # and a second export does not replace the first unasked
