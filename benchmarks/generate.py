@@ -6,7 +6,9 @@
     python tools/benchmark.py generate ...   (the same command)
 
 Needs torch, transformers and pyyaml (for a preset) only: no megatron-core, so it runs on a
-machine that has only those.
+machine that has only those. ``--model`` loads an export with the installed epas_hf classes, so
+none of the folder's code runs (and the code measured is the code installed); a folder with other
+code loads only with ``--trust-remote-code``.
 
 For each (batch, prompt) case, greedy ``generate()`` of 128 (``--new-tokens``) tokens is timed
 with the prefill and the decode steps after it apart, for these rows, in interleaved rounds after
@@ -42,16 +44,17 @@ from benchmarks.timing import (
     print_table,
     synchronize,
 )
-from epas_hf import EpasLlamaConfig, EpasLlamaForCausalLM
+from epas_hf import EpasLlamaConfig, EpasLlamaForCausalLM, foreign_code
 from epas_hf.modeling_epas_llama import CACHE_KEYWORD
 from epas import cli
 from epas.config import load_config
-from epas.errors import ConfigError
+from epas.errors import ConfigError, InputError
 from epas.hf_config import hf_config_from_model
 from epas.scheduler import resolve_target_layers
 from epas.sharing import deepest_layers
 
 EPAS_KEYS = ("sharing_layers", "sharing_mode", "trained_sharing_layers")
+OWN_MODEL_TYPES = (EpasLlamaConfig.model_type, "llama")  # folders the installed EPAS classes load
 
 
 class TokenClock(BaseStreamer):
@@ -109,10 +112,33 @@ def load_model(args, dtype: torch.dtype, device: str) -> tuple[EpasLlamaForCausa
         return random_model(args.random_init, args.overrides, dtype, device), f"{Path(args.random_init).stem} (random init)"
     if args.overrides:
         raise ConfigError("config overrides apply only to --random-init; an export's config is its config.json")
+    return load_folder(args.model, args.trust_remote_code, dtype).to(device), args.model.name
+
+
+def load_folder(folder: Path, trust_remote_code: bool, dtype: torch.dtype):
+    """An export of this recipe (or a plain LLaMA folder) through the installed epas_hf classes, so no code
+    from the folder runs; any other folder, or one whose model code differs from the installed epas_hf's,
+    only with ``trust_remote_code`` (then transformers loads it as it would, running the folder's code)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{config_file} not found: --model takes a Hugging Face folder, e.g. from "
+                         "tools/convert_checkpoint.py megatron-to-hf")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise InputError(f"{config_file} is not a Hugging Face config ({error})") from error
+    foreign = foreign_code(folder)
+    if model_type in OWN_MODEL_TYPES and not foreign:
+        return EpasLlamaForCausalLM.from_pretrained(folder, sharing_layers=[], dtype=dtype)
+    if not trust_remote_code:
+        found = f"code other than the installed epas_hf's ({', '.join(foreign)})" if foreign else (
+            f"a model of type {model_type!r}, not an EPAS export")
+        raise InputError(
+            f"{folder} holds {found}; loading it would run that code. Pass --trust-remote-code if you trust "
+            "it; an export written by this version of tools/convert_checkpoint.py loads without it")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, sharing_layers=[], dtype=dtype)
-    return model.to(device), args.model.name
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, sharing_layers=[], dtype=dtype)
 
 
 def llama_twin(model: EpasLlamaForCausalLM) -> LlamaForCausalLM:
@@ -206,6 +232,7 @@ def generate_benchmark(args, argv: list[str], program: str) -> dict:
                                                     f"hidden {config.hidden_size}, {dtype_name(dtype)}"),
         "settings": {
             "source": str(args.model or args.random_init),
+            "model_code": type(model).__module__,
             "overrides": args.overrides,
             "device": device,
             "dtype": dtype_name(dtype),
@@ -337,6 +364,9 @@ def report(result: dict) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="a Hugging Face folder from convert_checkpoint.py megatron-to-hf")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="load a --model folder that holds model code other than the installed epas_hf's "
+                             "(transformers' trust_remote_code: that code runs); not needed for this recipe's exports")
     source.add_argument("--random-init", metavar="PRESET_OR_CONFIG_JSON",
                         help="random weights of a preset's model (or of a config.json): no export needed")
     parser.add_argument("--sharing", type=fractions, default=[0.0, 0.25, 0.5],

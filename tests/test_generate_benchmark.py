@@ -2,7 +2,8 @@
 
 The records are checked against their definitions (medians, gains, the cache layout, which
 transformers' own DynamicCache confirms for the LLaMA row), the LLaMA anchor against EPAS at 0%
-(same weights, same tokens), and the path against megatron-core: it must run without it.
+(same weights, same tokens), the path against megatron-core: it must run without it, and --model
+against the folder's code: an export runs with the installed classes, other code only when trusted.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks import generate
 from benchmarks import __main__ as benchmark
 from benchmarks import plot as plot_benchmark
+from epas_hf import foreign_code, write_model_files
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")  # 6 layers, 2 KV heads of 32 dims, trained region 3..5
@@ -135,3 +138,76 @@ def test_plot_is_written(generate_json, tmp_path):
     train_like.write_text(json.dumps({"benchmark": "train", "records": []}))
     assert plot_benchmark.main([str(train_like), str(generate_json), "--output", str(tmp_path / "mixed.png")]) == 2
     assert not (tmp_path / "mixed.png").exists()
+
+
+# ---- --model: the folder's code runs only when trusted ---------------------------------------------
+
+
+def _export(folder: Path, model_type: str | None = None, appended: str = "") -> Path:
+    """A tiny export as megatron-to-hf writes it (weights, the model files, their auto_map), optionally with
+    another model_type in its config.json or code appended to its modeling file, as an altered folder holds."""
+    generate.random_model(TINY, [], torch.float32, "cpu").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = write_model_files(folder)
+    config["model_type"] = model_type or config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with (folder / "modeling_epas_llama.py").open("a") as stream:
+        stream.write(appended)
+    return folder
+
+
+def _generate_model(folder: Path, json_path: Path, *extra: str) -> list[str]:
+    return ["--model", str(folder), "--sharing", "0.5", "--mode", "kv", "--batch", "1", "--prompt", "6",
+            "--new-tokens", "3", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--json", str(json_path), *extra]
+
+
+def test_an_export_runs_on_the_installed_code_with_the_cache_predicted(tmp_path):
+    folder = _export(tmp_path / "own_export")
+    assert foreign_code(folder) == []
+    assert generate.main(_generate_model(folder, tmp_path / "own.json")) == 0
+    result = json.loads((tmp_path / "own.json").read_text())
+    assert result["settings"]["model_code"] == "epas_hf.modeling_epas_llama"
+    assert result["summary"]["cache_bytes_as_predicted"] and len(result["records"]) == 3
+    assert not [name for name in sys.modules if name.startswith("transformers_modules") and folder.name in name]
+
+
+def test_a_plain_llama_folder_runs_on_the_installed_code(tmp_path):
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    assert generate.main(_generate_model(folder, tmp_path / "llama.json", "--allow-untrained")) == 0
+    assert json.loads((tmp_path / "llama.json").read_text())["settings"]["model_code"] == "epas_hf.modeling_epas_llama"
+
+
+@pytest.mark.parametrize("model_type", ["epas_llama", "altered_llama"])
+def test_a_folder_with_other_code_runs_none_of_it_unless_trusted(tmp_path, capsys, model_type):
+    """Code appended to an export's model file: transformers runs it under trust_remote_code (with any
+    version for a model type it does not know, with 4.x for this one too), so the benchmark refuses the
+    folder unless told to trust it."""
+    marker = tmp_path / "ran"
+    folder = _export(tmp_path / f"altered_{model_type}", model_type, f"\nopen({str(marker)!r}, 'w').close()\n")
+    assert foreign_code(folder) == ["modeling_epas_llama.py"]
+    assert generate.main(_generate_model(folder, tmp_path / "refused.json")) == 2
+    error = capsys.readouterr().err
+    assert "modeling_epas_llama.py" in error and "--trust-remote-code" in error
+    assert not marker.exists() and not (tmp_path / "refused.json").exists()
+
+
+def test_trust_remote_code_runs_the_folders_code(tmp_path):
+    """In a process of its own: transformers registers the folder's classes as it loads them."""
+    marker = tmp_path / "ran"
+    folder = _export(tmp_path / "trusted_export", "altered_llama", f"\nopen({str(marker)!r}, 'w').close()\n")
+    command = [sys.executable, "-m", "benchmarks.generate", *_generate_model(folder, tmp_path / "t.json"),
+               "--trust-remote-code"]
+    subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    assert marker.exists()
+    assert json.loads((tmp_path / "t.json").read_text())["settings"]["model_code"].startswith("transformers_modules")
+
+
+def test_foreign_code_names_other_files_and_auto_map_entries(tmp_path):
+    folder = _export(tmp_path / "export")
+    (folder / "helpers.py").write_text("")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = "someone/repo--modeling.Model"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert foreign_code(folder) == ["helpers.py", "auto_map AutoModelForCausalLM=someone/repo--modeling.Model"]
