@@ -40,3 +40,5 @@ def _pretrain(args) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+elif __name__ == "__mp_main__":  # this file re-imported by a process multiprocessing spawned from a run
+    distributed.end_with_parent()

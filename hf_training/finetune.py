@@ -44,19 +44,12 @@ def validate_finetune(config: FinetuneConfig, world_size: int) -> None:
     data, training, optimizer = config.data, config.training, config.optimizer
     check_files(data)
     load_tokenizer(data.tokenizer or config.model)
-    if data.seq_length < 2:
-        raise ConfigError(f"data.seq_length must be at least 2, got {data.seq_length}")
     per_step = data.micro_batch_size * world_size
-    if data.micro_batch_size < 1 or data.global_batch_size % per_step:
+    if data.global_batch_size % per_step:
         raise ConfigError(f"data.global_batch_size={data.global_batch_size} is not a multiple of "
                           f"data.micro_batch_size × processes = {data.micro_batch_size} × {world_size}")
     if training.output_dir is None:
         raise ConfigError("training.output_dir is not set; it holds the Trainer checkpoints and the final model")
-    if training.train_steps < 1:
-        raise ConfigError(f"training.train_steps must be at least 1, got {training.train_steps}")
-    for key in ("log_interval", "eval_interval", "save_interval", "exit_interval", "save_total_limit"):
-        if getattr(training, key) is not None and getattr(training, key) < 1:
-            raise ConfigError(f"training.{key} must be at least 1 (or null), got {getattr(training, key)}")
     if training.deepspeed is not None:
         _deepspeed_config(training.deepspeed)
     if optimizer.decay_style not in LR_SCHEDULES:

@@ -70,7 +70,11 @@ def build_optimizer(run: RunConfig, config: TransformerConfig, chunks):
 
 
 def build_lr_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
-    """Warm-up from 0, then ``decay_style`` down to ``min_lr`` at the last step; constant weight decay."""
+    """Warm-up from 0, then ``decay_style`` down to ``min_lr`` at the last step; constant weight decay.
+
+    A resumed run keeps its checkpoint's schedule, or this one with ``optimizer.override_on_resume``
+    (:mod:`megatron_training.resume` refuses a changed value without it).
+    """
     settings, steps = run.optimizer, run.training.train_steps
     return OptimizerParamScheduler(
         optimizer,
@@ -84,4 +88,6 @@ def build_lr_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
         end_wd=settings.weight_decay,
         wd_incr_steps=steps,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not settings.override_on_resume,
+        override_opt_param_scheduler=settings.override_on_resume,
     )

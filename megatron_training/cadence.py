@@ -37,10 +37,11 @@ class Intervals:
 
 
 class StopConditions:
-    """Save and stop on SIGTERM/SIGUSR1 (a scheduler's warning), a time limit or an exit interval.
+    """Save and stop on SIGTERM/SIGUSR1 (a scheduler's warning), Ctrl-C, a time limit or an exit interval.
 
     The handlers are installed at construction, so a stop requested during start-up is honoured; the
     signal and time-limit decisions are agreed by all ranks, so every rank stops at the same iteration.
+    A second Ctrl-C interrupts at once, without saving.
     """
 
     def __init__(self, run: RunConfig, device: torch.device):
@@ -49,11 +50,13 @@ class StopConditions:
         self.device = device
         self.started = time.time()
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._request)
 
     def _request(self, signum, frame) -> None:
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def start_clock(self) -> None:
         self.started = time.time()
@@ -61,10 +64,10 @@ class StopConditions:
     def reason(self, iteration: int) -> str | None:
         """Why to save and stop after ``iteration``, or None to go on."""
         out_of_time = self.limit_minutes is not None and (time.time() - self.started) / 60 > self.limit_minutes
-        flags = torch.tensor([self.signal is not None, out_of_time], dtype=torch.int32).to(self.device)
+        flags = torch.tensor([self.signal or 0, out_of_time], dtype=torch.int32).to(self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
-            return "received a stop signal"
+            return f"received a stop signal ({signal.Signals(int(flags[0])).name})"
         if flags[1]:
             return f"exit_duration_minutes={self.limit_minutes} reached"
         if self.exit_interval and iteration % self.exit_interval == 0:

@@ -8,12 +8,15 @@ Layout of ``checkpoint.dir``::
 
 A save writes into ``iter_N.tmp``, renames it to ``iter_N`` once every rank has finished and only
 then moves ``latest`` (write-then-rename), so a crash at any moment leaves the previous
-checkpoint loadable and ``latest`` pointing at it.
+checkpoint loadable and ``latest`` pointing at it. A save that fails (a full disk) says so and
+leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +26,11 @@ import yaml
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from epas.config import RunConfig, to_dict
-from epas.errors import ConfigError
+from epas.errors import ConfigError, InputError
+from megatron_training.checkpoint_files import verify_checkpoint
 
 LATEST = "latest"
 
@@ -87,14 +92,11 @@ def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: 
     """Save model, optimizer (unless None), RNG and ``extra`` as checkpoint ``iteration``.
 
     ``model_chunks`` are the unwrapped models (no DDP), so the keys are the model's own and a
-    checkpoint written by a converter or a trainer reads the same.
+    checkpoint written by a converter or a trainer reads the same. An ``iter_N`` that exists already
+    (a save killed before ``latest`` moved, or a run resumed from an earlier iteration) is replaced
+    only once the new one is complete.
     """
     final = iteration_dir(root, iteration)
-    if final.exists():  # saved already (the rename is the last step of writing): never overwrite it
-        if dist.get_rank() == 0 and (latest_iteration(root) or 0) < iteration:
-            _point_latest_at(root, iteration)  # a save killed between its rename and `latest`
-        dist.barrier()
-        return final
     staging = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         if staging.exists():
@@ -105,14 +107,57 @@ def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: 
     state.update(
         extra, iteration=iteration, layout=_layout(), rng_state=_rng_state(), config=to_dict(run)
     )
-    dist_checkpointing.save(state, str(staging))
+    try:
+        dist_checkpointing.save(state, str(staging))
+        if dist.get_rank() == 0:
+            (staging / "run_config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        raise _save_error(error, root, staging, iteration) from error
     dist.barrier()
     if dist.get_rank() == 0:
-        (staging / "run_config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
-        os.replace(staging, final)
+        _publish(staging, final)
         _point_latest_at(root, iteration)
     dist.barrier()
     return final
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the complete ``staging`` to ``final``; an existing ``final`` is moved aside first and
+    deleted last, so a kill in between leaves a complete copy under some name (``.tmp``/``.replaced``
+    folders are never loaded)."""
+    replaced = final.with_name(final.name + ".replaced")
+    if final.exists():
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    if replaced.exists():
+        shutil.rmtree(replaced)
+
+
+def _save_error(error: Exception, root: Path, staging: Path, iteration: int) -> Exception:
+    """The failed save's error for the user: a full disk named as such, the previous checkpoint's state."""
+    previous = latest_iteration(root)
+    kept = (
+        f"`latest` still points at the complete {iteration_dir(root, previous).name}"
+        if previous is not None else "no earlier checkpoint exists"
+    )
+    free = shutil.disk_usage(root).free
+    if _is_disk_full(error) or free < 1 << 20:
+        shutil.rmtree(staging, ignore_errors=True)  # the partial save is never loaded; give its space back
+        return InputError(
+            f"no space left on the device of {root} while saving iteration {iteration} ({free >> 20} MiB "
+            f"free); {kept}. Free some space (or set checkpoint.dir to a larger disk) and start again to resume"
+        )
+    return InputError(f"saving iteration {iteration} into {staging} failed ({error}); {kept}")
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _point_latest_at(root: Path, iteration: int) -> None:
@@ -120,6 +165,29 @@ def _point_latest_at(root: Path, iteration: int) -> None:
     pointer = root / (LATEST + ".tmp")
     pointer.write_text(f"{iteration}\n")
     os.replace(pointer, root / LATEST)
+
+
+def newest_loadable(root: Path, warn) -> Path:
+    """The checkpoint to resume ``root`` from: ``latest``, or when that one is damaged (a shard cut
+    short or deleted, a file that is not plain data) the newest earlier complete one, after
+    ``warn(message)`` names what is wrong. Nothing is deleted; the next saves replace the damaged one.
+    """
+    latest = latest_iteration(root)
+    older = sorted((int(p.name[5:]) for p in root.glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name)), reverse=True)
+    problems = []
+    for iteration in [latest, *(i for i in older if i < latest)]:
+        path = iteration_dir(root, iteration)
+        try:
+            if not path.is_dir():
+                raise InputError(f"{path} does not exist")
+            verify_checkpoint(path)
+        except InputError as problem:
+            problems.append(str(problem))
+            continue
+        if problems:
+            warn(f"{'; '.join(problems)}. Resuming from {path} instead")
+        return path
+    raise InputError(f"no complete checkpoint to resume from in {root}: {'; '.join(problems)}")
 
 
 def resolve(path: Path) -> Path:
@@ -154,6 +222,13 @@ def check_model_shape(saved: dict, run: RunConfig, path: Path) -> None:
         )
 
 
+def common_state(path: Path) -> dict:
+    """The plain (not sharded) state of checkpoint ``path``: its config, schedules, iteration; read
+    only after :func:`verify_checkpoint` has found the folder complete and free of code."""
+    verify_checkpoint(path)
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
 def load(path: Path, model_chunks, optimizer, run: RunConfig) -> dict:
     """Load ``path`` into the model (and the optimizer unless None); return its plain state.
 
@@ -162,13 +237,8 @@ def load(path: Path, model_chunks, optimizer, run: RunConfig) -> dict:
     """
     if not (path / "metadata.json").is_file():
         raise ConfigError(f"{path} is not a complete checkpoint (no metadata.json)")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = common_state(path)
     check_model_shape(common["config"]["model"], run, path)
-    if optimizer is not None and common.get("weights_only"):
-        raise ConfigError(
-            f"{path} holds weights only (a converted model): start from it with "
-            "checkpoint.load=<its folder> checkpoint.load_optimizer=false and a new checkpoint.dir"
-        )
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
     same_layout = common.get("layout") == _layout()
     if same_layout:

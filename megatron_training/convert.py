@@ -114,12 +114,10 @@ def megatron_to_hf_checkpoint(
     source: Path, output: Path, iteration: int | None, sharing_layers: list[int] | None,
     dtype: str | None, tokenizer_dir: Path | None, overwrite: bool = False,
 ) -> Path:
-    from megatron.core import dist_checkpointing
-
     from epas_hf import EpasLlamaConfig, EpasLlamaForCausalLM, write_model_files
 
     path = _checkpoint_path(source, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = checkpointing.common_state(path)  # checked first: complete, and no code in its pickles
     run = from_dict(RunConfig, common["config"])
     tokenizer_dir = tokenizer_dir or _default_tokenizer(run, source)
     tokenizer = _load_tokenizer(tokenizer_dir, run.model.vocab_size) if tokenizer_dir is not None else None

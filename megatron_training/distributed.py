@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -45,3 +47,19 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere a no-op).
+
+    For the helper processes multiprocessing spawns from a trainer (megatron-core's checkpoint
+    writer starts a manager process): after a ``kill -9`` of the trainer they would live on, blocked
+    on a pipe, holding the memory of a full import of the recipe.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass

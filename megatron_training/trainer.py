@@ -20,7 +20,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
 from epas.config import RunConfig
-from epas.errors import EpasError
 from epas.flops import attention_counting, training_flops_per_token
 from epas.scheduler import SharingScheduler
 from megatron_patches.fusions import describe, fusions_of
@@ -29,10 +28,8 @@ from megatron_training.builders import build_chunks, build_lr_scheduler, build_o
 from megatron_training.cadence import Intervals, StopConditions, ThroughputWindow
 from megatron_training.data import build_datasets, micro_batches
 from megatron_training.metrics import MetricsLogger, peak_memory_gb
-
-
-class NonFiniteLossError(EpasError):
-    """The loss became NaN or Inf; the last saved checkpoint is left untouched."""
+from megatron_training.resume import check_resume
+from megatron_training.step_guard import FiniteStepGuard
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -68,6 +65,7 @@ class Trainer:
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.lr_scheduler = build_lr_scheduler(run, self.optimizer)
         self.sharing = SharingScheduler(run.model.num_layers, run.epas)
+        self.guard = FiniteStepGuard(run.training, self.device)
         self.iteration = 0
         self.consumed_samples = 0
         self._last_saved = None
@@ -114,13 +112,14 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_microbatches(self._iterators(self.train_data, self.consumed_samples), False)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at iteration {self.iteration + 1}; stopping without saving "
-                "(the last checkpoint is intact): lower optimizer.lr or raise warmup_steps"
-            )
-        _, grad_norm, _ = self.optimizer.step()
-        self.lr_scheduler.step(increment=1)
+        problem = self.guard.problem(loss, self.chunks, self.iteration + 1)
+        grad_norm = None
+        if problem is None:
+            _, grad_norm, _ = self.optimizer.step()
+            self.lr_scheduler.step(increment=1)
+        else:  # skipped as megatron-LM skips an overflowing step: its batch is consumed, the LR does not move
+            self.log.print(f"iteration {self.iteration + 1}: {problem}, step skipped "
+                           f"({self.guard.in_a_row} in a row, training.max_skipped_steps={self.guard.limit})")
         self.iteration += 1
         self.consumed_samples += self.run.data.global_batch_size
         return {"loss": loss.item(), "grad_norm": grad_norm}
@@ -212,23 +211,36 @@ class Trainer:
         ckpt = self.run.checkpoint
         root = Path(ckpt.dir) if ckpt.dir else None
         if root is not None and checkpointing.latest_iteration(root) is not None:
-            path, resume = checkpointing.resolve(root), True  # continue this run
+            path, resume = checkpointing.newest_loadable(root, self.log.warn), True  # continue this run
         elif ckpt.load:
             path, resume = checkpointing.resolve(Path(ckpt.load)), ckpt.load_optimizer
         else:
             return
+        if resume:
+            for warning in check_resume(checkpointing.common_state(path), self.run, path):
+                self.log.warn(warning)
         state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run)
         if resume:
             self.iteration = self._last_saved = state["iteration"]
             self.consumed_samples = state["consumed_samples"]
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.sharing.load_state_dict(state["epas_scheduler"])
+            if self.run.optimizer.override_on_resume:
+                self._override_adam_settings()
         self.log.print(f"loaded {path} ({'resuming at iteration ' + str(self.iteration) if resume else 'weights only'})")
+
+    def _override_adam_settings(self) -> None:
+        """Adam's betas and eps come back from the checkpoint with its state; use the config's instead."""
+        settings = self.run.optimizer
+        for group in self.optimizer.param_groups:
+            group["betas"] = (settings.adam_beta1, settings.adam_beta2)
+            group["eps"] = settings.adam_eps
 
     def save(self) -> None:
         """Save this iteration, unless it is saved already (an interval save, or the resumed one)."""
         if not self.run.checkpoint.dir or self.iteration == self._last_saved:
             return
+        self.guard.check_weights(self.models, self.iteration)
         path = checkpointing.save(
             Path(self.run.checkpoint.dir),
             self.iteration,
@@ -277,6 +289,7 @@ class Trainer:
             "train/tokens_per_s": tokens_per_step / window.step_time,
             "train/tflops_per_gpu": tflops_per_device,
             "memory/peak_gb": peak_memory_gb(),
+            "train/skipped_steps": self.guard.skipped,
         }
         line = (
             f"iteration {self.iteration:6d}/{run.training.train_steps} | loss {metrics['loss']:.4f} | "

@@ -92,7 +92,9 @@ def _reap_group(pid: int) -> None:
 def surviving_processes() -> list[str]:
     """Processes still running in a worker's group: orphans the harness failed to reap."""
     survivors = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        if process.info["status"] == psutil.STATUS_ZOMBIE:  # dead, waiting for init to collect it
+            continue
         try:
             if os.getpgid(process.pid) in _groups:
                 survivors.append(f"{process.pid}: {' '.join(process.info['cmdline'] or [])[:120]}")

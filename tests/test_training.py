@@ -7,15 +7,18 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_training import checkpointing, distributed
 from epas.config import load_config
 from epas.errors import ConfigError
-from megatron_training.trainer import NonFiniteLossError, Trainer
+from megatron_training.step_guard import NonFiniteStepError, weights_finite
+from megatron_training.trainer import Trainer
 from megatron_training.validation import validate_run
 from tests.multiprocess import run_workers, train_worker
 
@@ -178,7 +181,9 @@ def test_a_save_killed_anywhere_resumes_from_a_complete_checkpoint(tmp_path, poi
     assert set(losses) == set(range(1, 5))
 
 
-def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_the_current_step_and_exits_cleanly(tmp_path, stop_signal):
+    """SIGTERM as SLURM sends it before a time limit, SIGINT as Ctrl-C sends it: save, then exit 0."""
     run = _run(tmp_path, "sigterm", "training.train_steps=100000")
     args = [f"{k}={v}" for k, v in {
         "data.mock": "true", "data.micro_batch_size": 2, "data.global_batch_size": 8,
@@ -193,14 +198,102 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     for line in process.stdout:
         lines.append(line)
         if line.startswith("iteration      3/"):
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop_signal)
             break
     output = "".join(lines) + process.stdout.read()
     assert process.wait(timeout=120) == 0, output
-    assert "received a stop signal: saving at iteration" in output
+    assert f"received a stop signal ({stop_signal.name}): saving at iteration" in output
+    assert "Traceback" not in output
     saved_at = int(output.split("saving at iteration ")[1].split()[0])
     assert saved_at >= 3
     assert checkpointing.latest_iteration(Path(run.checkpoint.dir)) == saved_at
+
+
+def _pretrain_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """pretrain_epas.py on the tiny preset and mock data, in a session of its own (to find its children)."""
+    args = ["data.mock=true", f"data.cache_dir={tmp_path / 'cache'}", "training.log_interval=1",
+            "training.eval_interval=0", *overrides]
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True,
+    )
+
+
+def _session(sid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def test_a_kill_during_a_save_leaves_no_process_behind(tmp_path):
+    """megatron-core's checkpoint writer starts helper processes; a SIGKILLed trainer must take them along."""
+    process = _pretrain_process(tmp_path, "training.train_steps=100000", "checkpoint.save_interval=1",
+                                f"checkpoint.dir={tmp_path / 'ckpt'}")
+    try:
+        for line in process.stdout:
+            if line.startswith("saved checkpoint"):
+                break
+        deadline = time.monotonic() + 60
+        while len(_session(process.pid)) < 2 and time.monotonic() < deadline:  # the writer's helpers
+            time.sleep(0.01)
+        assert len(_session(process.pid)) >= 2, "the save started no helper process to test with"
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while _session(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _session(process.pid), [p.cmdline() for p in _session(process.pid)]
+    finally:
+        process.kill()
+        process.wait()
+        for left in _session(process.pid):
+            left.kill()
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path):
+    args = ["training.train_steps=4", "optimizer.warmup_steps=1", "checkpoint.save_interval=2",
+            f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    first = _pretrain_process(tmp_path, *args)
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    shard = tmp_path / "ckpt" / "iter_0000004" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
+
+    again = _pretrain_process(tmp_path, *args)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    assert f"warning: {shard}" in output and "Resuming from" in output and "iter_0000002 instead" in output
+    assert "loaded" in output and "resuming at iteration 2" in output
+    assert checkpointing.latest_iteration(tmp_path / "ckpt") == 4
+    checkpointing.verify_checkpoint(tmp_path / "ckpt" / "iter_0000004")  # saved again, complete
+
+
+def test_a_full_disk_fails_the_save_by_name_and_keeps_the_previous_checkpoint(tmp_path):
+    """A 24 MiB tmpfs holds one 15 MB checkpoint of the tiny preset, not two (mounting needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        process = _pretrain_process(tmp_path, "training.train_steps=4", "optimizer.warmup_steps=1",
+                                    "checkpoint.save_interval=2",
+                                    f"checkpoint.dir={disk / 'ckpt'}")
+        output = process.communicate(timeout=300)[0]
+        assert process.returncode == 2, output
+        (message,) = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert "no space left on the device of" in message and "while saving iteration 4" in message
+        assert "`latest` still points at the complete iter_0000002" in message
+        assert "Traceback" not in output
+        root = disk / "ckpt"
+        assert checkpointing.latest_iteration(root) == 2
+        assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "latest"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 # ---- a real run --------------------------------------------------------------------------------
@@ -239,23 +332,92 @@ def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
     assert [p.name for p in written] == ["loss.png", "throughput.png"]
 
 
-def _nan_worker(rank, run):
+def _nonfinite_worker(rank, run, poison_at=None):
+    """Train ``run``; with ``poison_at``, one gradient turns NaN at that iteration (the loss stays finite).
+
+    Returns the error (or None), the skipped-step count, the LR scheduler's steps, whether the weights
+    after the poisoned step equal those before it, and whether ``latest``'s saved weights are finite.
+    """
     distributed.initialize(run)
+    trainer = Trainer(run)
+    run_microbatches, train_step, weights = trainer._run_microbatches, trainer.train_step, {}
+
+    def poisoned(iterators, forward_only):
+        loss = run_microbatches(iterators, forward_only)
+        if not forward_only and trainer.iteration + 1 == poison_at:
+            trainer.chunks[0].buffers[0].grad_data[0] = float("nan")
+        return loss
+
+    def recorded():
+        metrics = train_step()
+        weights[trainer.iteration] = [p.detach().clone() for p in trainer.models[0].parameters()]
+        return metrics
+
+    trainer._run_microbatches, trainer.train_step = poisoned, recorded
     try:
-        Trainer(run).train()
-    except NonFiniteLossError as error:
-        return str(error)
-    finally:
-        distributed.shutdown()
+        trainer.train()
+        error = None
+    except NonFiniteStepError as raised:
+        error = str(raised)
+    unchanged = poison_at in weights and all(
+        (a == b).all() for a, b in zip(weights[poison_at - 1], weights[poison_at])
+    )
+    checkpointing.load(checkpointing.resolve(Path(run.checkpoint.dir)), trainer.models, None, run)
+    result = (error, trainer.guard.skipped, trainer.lr_scheduler.num_steps, unchanged,
+              weights_finite(trainer.models))
+    distributed.shutdown()
+    return result
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    run = _run(tmp_path, "nan", "training.train_steps=8", "checkpoint.save_interval=2",
-               "optimizer.lr=1.0e+12", "optimizer.min_lr=1.0e+12", "optimizer.clip_grad=0.0")
-    (message,) = run_workers(_nan_worker, 1, run)
-    assert message is not None and "at iteration" in message
-    failed_at = int(message.split("at iteration ")[1].split(";")[0])
+def test_a_step_with_nan_gradients_is_never_applied_nor_saved(tmp_path):
+    """The reproducer of a NaN checkpoint published as `latest`: a huge LR, a save every step."""
+    run = _run(tmp_path, "nan", "training.train_steps=6", "checkpoint.save_interval=1",
+               "optimizer.lr=1.0e+6", "optimizer.min_lr=0.0")
+    (error, _, _, _, saved_finite), = run_workers(_nonfinite_worker, 1, run)
+    assert error is not None and "not finite at iteration" in error and "override_on_resume" in error
+    failed_at = int(error.split("at iteration ")[1].split(";")[0])
     root = Path(run.checkpoint.dir)
-    assert failed_at > 2  # the first two steps are finite with this seed: a checkpoint exists
-    assert checkpointing.latest_iteration(root) == 2 * ((failed_at - 1) // 2)
-    assert not list(root.glob("*.tmp"))
+    assert checkpointing.latest_iteration(root) == failed_at - 1 and saved_finite
+    assert not (root / f"iter_{failed_at:07d}").exists() and not list(root.glob("*.tmp"))
+
+
+def test_nan_gradients_stop_or_skip_the_step_as_configured(tmp_path):
+    stop = _run(tmp_path, "stop", "training.train_steps=6", "checkpoint.save_interval=2")
+    (error, *_), = run_workers(_nonfinite_worker, 1, stop, 3)
+    assert error.startswith("the gradients are not finite at iteration 3; the step was not applied")
+    assert checkpointing.latest_iteration(Path(stop.checkpoint.dir)) == 2
+
+    skip = _run(tmp_path, "skip", "training.train_steps=6", "checkpoint.save_interval=2",
+                "training.on_nonfinite=skip")
+    (error, skipped, lr_steps, unchanged, saved_finite), = run_workers(_nonfinite_worker, 1, skip, 3)
+    assert error is None and skipped == 1 and lr_steps == 5 and unchanged and saved_finite
+    assert checkpointing.latest_iteration(Path(skip.checkpoint.dir)) == 6
+    assert _scalars(Path(skip.logging.tensorboard_dir), "train/skipped_steps")[6] == 1
+
+
+def _resume_settings_worker(rank, first, refused, overridden):
+    """Train ``first``; resume with a new LR and betas without and with optimizer.override_on_resume."""
+    distributed.initialize(first)
+    Trainer(first).train()
+    try:
+        Trainer(refused)
+        message = None
+    except ConfigError as error:
+        message = str(error)
+    trainer = Trainer(overridden)
+    group = trainer.optimizer.param_groups[0]
+    result = message, trainer.lr_scheduler.max_lr, trainer.lr_scheduler.lr_decay_steps, group["betas"], group["eps"]
+    distributed.shutdown()
+    return result
+
+
+def test_resume_refuses_a_new_learning_rate_unless_told_to_override(tmp_path):
+    first = _run(tmp_path, "resume", "training.train_steps=3")
+    changed = ["training.train_steps=5", "optimizer.lr=1.0e-3", "optimizer.adam_beta2=0.99", "optimizer.adam_eps=1.0e-6"]
+    refused = _run(tmp_path, "resume", *changed)
+    overridden = _run(tmp_path, "resume", *changed, "optimizer.override_on_resume=true")
+    (message, max_lr, decay_steps, betas, eps), = run_workers(
+        _resume_settings_worker, 1, first, refused, overridden
+    )
+    assert "optimizer.lr=0.001 (checkpoint: 0.002)" in message and "override_on_resume=true" in message
+    assert (max_lr, decay_steps, betas, eps) == (1e-3, 5, (0.9, 0.99), 1e-6)
