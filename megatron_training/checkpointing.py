@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -33,6 +34,10 @@ from epas.errors import ConfigError, InputError
 from megatron_training.checkpoint_files import verify_checkpoint
 
 LATEST = "latest"
+# The distributed optimizer's states as each DP rank holds them (Megatron-LM's default): saved and
+# loaded in parallel, reshardable over DP. megatron-core 0.16's own default (fully_sharded_model_space)
+# cannot be saved at all, and its fully_reshardable load fails with torch's Adam. Other optimizers ignore it.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -83,9 +88,50 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         state[key] = chunk.sharded_state_dict()
     if optimizer is not None:
+        if is_loading:
+            _create_adam_states(optimizer)
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT
+        )
     return state
+
+
+def _create_adam_states(optimizer) -> None:
+    """Give every parameter of a distributed optimizer's torch Adam its (zero) states.
+
+    megatron-core's DistributedOptimizer reads Adam's ``step`` from every state before it loads
+    into them, but torch's Adam creates states only at its first step (Transformer Engine's and
+    apex's Adam, which megatron-core expects on GPUs, keep ``step`` elsewhere); the load then
+    overwrites these zeros.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        for group in inner.optimizer.param_groups:
+            for parameter in group["params"]:
+                state = inner.optimizer.state[parameter]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(parameter),
+                                 exp_avg_sq=torch.zeros_like(parameter))
+
+
+def _restore_adam_steps(optimizer, saved: dict) -> None:
+    """After a distributed optimizer's load, give each torch Adam state its own ``step`` tensor at
+    the checkpoint's step.
+
+    With torch's Adam (no Transformer Engine or apex), megatron-core 0.16 keeps the step in the
+    saved param groups, but its DP-reshardable load leaves the states at the freshly created step
+    and puts one shared tensor into all of them, which Adam would advance once per parameter.
+    """
+    inner = optimizer.chained_optimizers[0] if len(getattr(optimizer, "chained_optimizers", [])) == 1 else optimizer
+    steps = {group["step"] for group in saved.get("optimizer", {}).get("param_groups", []) if "step" in group}
+    if not isinstance(inner, DistributedOptimizer) or len(steps) != 1:
+        return
+    (step,) = steps
+    for state in inner.optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step))
 
 
 def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: RunConfig) -> Path:
@@ -248,7 +294,10 @@ def load(path: Path, model_chunks, optimizer, run: RunConfig) -> dict:
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         chunk.load_state_dict(loaded.pop(key))
     if optimizer is not None:
-        optimizer.load_state_dict(loaded.pop("optimizer"))
+        saved = loaded.pop("optimizer")
+        with torch.no_grad():  # megatron-core copies into the leaf main parameters
+            optimizer.load_state_dict(saved)
+        _restore_adam_steps(optimizer, saved)
     if same_layout:
         _set_rng_state(loaded.pop("rng_state"))
     return loaded

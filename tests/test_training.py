@@ -110,6 +110,20 @@ def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
     assert sharing[4] == 1 and sharing[7] == 2  # steps 4-6 train with one sharing layer, 7-8 with two
 
 
+def test_resume_is_exact_with_the_distributed_optimizer(tmp_path):
+    """ZeRO-1 over DP=2 (every large preset's setting): its sharded Adam states save and resume."""
+    steps = ["training.train_steps=4", "optimizer.use_distributed_optimizer=true"]
+    straight = _run(tmp_path, "straight", *steps)
+    run_workers(train_worker, 2, straight)
+    halves = _run(tmp_path, "halves", *steps)
+    run_workers(train_worker, 2, _run(tmp_path, "halves", *steps, "training.exit_interval=2"))
+    assert checkpointing.latest_iteration(Path(halves.checkpoint.dir)) == 2
+    run_workers(train_worker, 2, halves)
+    expected = _scalars(Path(straight.logging.tensorboard_dir), "train/loss")
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert _scalars(Path(halves.logging.tensorboard_dir), "train/loss") == expected
+
+
 def _load_loss_worker(rank, run, path):
     distributed.initialize(run)
     trainer = Trainer(run)
