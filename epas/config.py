@@ -378,10 +378,26 @@ def apply_override(config, override: str) -> None:
     setattr(target, leaf, _coerce(_parse_yaml(raw, f"override '{override}'"), hint, dotted))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, what: str):
-    """Plain YAML data (safe_load: no tags that build objects); a problem names ``what`` and the line."""
+    """Plain YAML data (safe loading: no tags that build objects; no key given twice); a problem names
+    ``what`` and the line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -576,7 +592,8 @@ def config_reference() -> str:
         "command line overrides one (the value is read as YAML: `data.paths=[a,b]`, `training.recompute=null`).\n\n"
         "- A number's range is part of its type (`int ≥ 1`, `float > 0`, `float in [0, 1)`) and is checked on the\n"
         "  final values, after every override; every float must also be finite (`.nan`, `.inf` are refused).\n"
-        "- A preset with nothing in it (empty, only comments, `{}`) is refused rather than training the defaults.\n"
+        "- A preset with nothing in it (empty, only comments, `{}`) is refused rather than training the defaults;\n"
+        "  so is a key given twice in one section (YAML would keep the last one silently).\n"
         "- In a preset with a `base:`, a section is merged key by key into the base's; a section given with no\n"
         "  keys (`model:` with every line commented out) changes nothing\n"
         "  (a key given with no value, by contrast, is set to null).\n"

@@ -363,3 +363,10 @@ def test_the_entry_points_report_one_line_and_exit_2(tmp_path, capsys, text, ove
     stderr = capsys.readouterr().err
     assert status == 2 and stderr.startswith("config error: ") and message in stderr
     assert stderr.count("\n") == 1
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    preset = tmp_path / "twice.yaml"
+    preset.write_text("training:\n  train_steps: 10\nmodel:\n  num_layers: 2\ntraining:\n  log_interval: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml' is not valid YAML at line 5, column 1: key 'training' is given twice"):
+        load_config(preset)
