@@ -85,6 +85,16 @@ def test_mapping_errors_name_the_tensor():
     assert state.keys() == dict(hf.state_dict()).keys()  # the caller's dict is left as it was
 
 
+def test_tied_weights_convert_with_or_without_the_head_tensor():
+    """save_pretrained leaves the tied lm_head.weight out of model.safetensors; some exports keep it."""
+    hf = _hf_llama(2, tied=True)
+    model_config = model_config_from_hf(hf.config.to_dict())
+    state = dict(hf.state_dict())
+    with_head = hf_to_megatron(state, model_config)
+    without_head = hf_to_megatron({k: v for k, v in state.items() if k != "lm_head.weight"}, model_config)
+    assert with_head.keys() == without_head.keys() and "output_layer.weight" not in with_head
+
+
 def test_weights_are_read_from_every_hugging_face_layout(tmp_path):
     state = {name: tensor.contiguous() for name, tensor in _hf_llama(2, tied=False).state_dict().items()}
     names = sorted(state)
@@ -113,6 +123,10 @@ def test_weights_are_read_from_every_hugging_face_layout(tmp_path):
         read = read_hf_state_dict(folder)
         assert read.keys() == state.keys(), folder.name
         assert all(torch.equal(read[name], state[name]) for name in names), folder.name
+
+    torch.save({"model.norm.weight": torch.ones(2), "hook": Exception("pickled code")}, pickled / "pytorch_model.bin")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):  # a .bin is never unpickled freely
+        read_hf_state_dict(pickled)
 
     (sharded / "model-00002-of-00002.safetensors").unlink()  # an incomplete download
     with pytest.raises(ConfigError, match="no weights in .*sharded: expected model.safetensors"):

@@ -1,0 +1,70 @@
+"""megatron-core model paths that `make mutation` found untested: what a sharing layer refuses (inference contexts in
+either keyword form, packed sequences), its row projection with a bias, and an attention mask given to the model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from megatron_patches.model import build_model, transformer_config
+from tests.model_utils import load_weights, random_weights, tiny_run
+
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
+
+
+@pytest.mark.parametrize("keyword, message", [
+    ("inference_context", "inference contexts are not supported in sharing mode"),
+    ("inference_params", "inference contexts are not supported in sharing mode"),
+    ("packed_seq_params", "packed sequences are not supported in sharing mode"),
+])
+def test_a_sharing_layer_refuses_what_it_cannot_share(keyword, message):
+    model = build_model(tiny_run(num_layers=2))
+    model.set_sharing_layers([1])
+    with pytest.raises(NotImplementedError, match=message):
+        model.decoder.layers[1].self_attention(torch.zeros(4, 1, 64), None, **{keyword: object()})
+
+
+@pytest.mark.parametrize("heads, groups", [(4, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
+def test_projected_rows_equal_stock_megatron_projections_with_a_bias(heads, groups):
+    """A sharing layer multiplies only the V (qk) or Q (kv) rows of linear_qkv, bias included: they must equal
+    what stock megatron-core's split of the whole fused projection gives (LLaMA has no bias; other models do)."""
+    run = tiny_run(num_layers=2, heads=heads, groups=groups)
+    model = build_model(run, dataclasses.replace(transformer_config(run), add_bias_linear=True))
+    attention = model.decoder.layers[1].self_attention
+    assert attention.linear_qkv.bias.numel() == (heads + 2 * groups) * 16
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in attention.linear_qkv.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    hidden = torch.randn(5, 2, 64, generator=generator)
+    with torch.no_grad():
+        query, _, value = attention.get_query_key_value_tensors(hidden)
+        torch.testing.assert_close(attention._project_rows(hidden, "v"), value)
+        torch.testing.assert_close(attention._project_rows(hidden, "q"), query)
+
+
+def test_an_attention_mask_reaches_the_layers_as_in_stock_megatron():
+    """The EPAS model hands its mask to GPTModel.forward: with one, sharing off stays identical to stock."""
+    run = tiny_run(num_layers=2)
+    epas = build_model(run)
+    stock = GPTModel(
+        config=transformer_config(run), transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=run.model.padded_vocab_size(), max_sequence_length=run.model.seq_length,
+        position_embedding_type="rope",
+    )
+    state = random_weights(epas)
+    load_weights(epas, state)
+    load_weights(stock, state)
+    tokens = torch.randint(0, run.model.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(8).expand_as(tokens)
+    mask = torch.ones(8, 8, dtype=torch.bool).triu(1)  # True = hidden: causal ...
+    mask[2:, 1] = True  # ... and token 1 hidden from the later ones
+    mask = mask.expand(2, 1, 8, 8)
+    with torch.no_grad():
+        masked = epas(tokens, positions, mask)
+        assert torch.equal(masked, stock(tokens, positions, mask))
+        assert not torch.allclose(masked, epas(tokens, positions, None))  # the mask matters
