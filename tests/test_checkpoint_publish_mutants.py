@@ -60,7 +60,18 @@ def test_a_complete_save_publishes_the_folder_then_latest(tmp_path):
         assert _resumed_iteration(root, run) == iteration
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000005", "latest"]
     assert (root / "latest").read_text() == "5\n"
-    assert yaml.safe_load((root / "iter_0000005" / "run_config.yaml").read_text()) == to_dict(run)
+    written = yaml.safe_load((root / "iter_0000005" / "run_config.yaml").read_text())
+    assert written == to_dict(run) and list(written) == list(to_dict(run))  # in the order of the presets
+
+
+def test_a_resume_at_the_same_layout_continues_the_random_stream(tmp_path):
+    run = tiny_run(num_layers=2)
+    torch.manual_seed(123)
+    _save(tmp_path, 1, run)
+    expected = torch.rand(4)
+    torch.manual_seed(7)  # what a new process would start from
+    checkpointing.load(tmp_path / "iter_0000001", [build_model(run)], None, run)
+    assert torch.equal(torch.rand(4), expected)
 
 
 # where the process dies during the save of iteration 4 -> what is on disk besides iter_0000002 and latest
