@@ -21,6 +21,18 @@ from tests.model_utils import tiny_run
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_writer_process_left():
+    """megatron-core's checkpoint writer starts a manager process for its results queue, stopped only at interpreter
+    exit; a test process that ends with os._exit (a mutmut worker) would leave it behind."""
+    yield
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        filesystem_async._results_queue._manager.shutdown()
+        filesystem_async._results_queue = None
+
+
 class Killed(BaseException):
     """Stands for the process dying: no ``except Exception`` of the code under test catches it."""
 
