@@ -1,9 +1,11 @@
 """megatron-core model paths that `make mutation` found untested: what a sharing layer refuses (inference contexts in
-either keyword form, packed sequences), its row projection with a bias, and an attention mask given to the model."""
+either keyword form, packed sequences), its row projection with a bias, the epsilon of the norm it applies for TE,
+an attention mask given to the model, and the sharing set it reports."""
 
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_patches.model import build_model, transformer_config
+from megatron_patches.sharing_attention import _fused_input_norm
 from tests.model_utils import load_weights, random_weights, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
@@ -68,3 +71,26 @@ def test_an_attention_mask_reaches_the_layers_as_in_stock_megatron():
         masked = epas(tokens, positions, mask)
         assert torch.equal(masked, stock(tokens, positions, mask))
         assert not torch.allclose(masked, epas(tokens, positions, None))  # the mask matters
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_the_te_fused_input_norm_uses_the_layer_epsilon(normalization):
+    """tests/test_sharing_model.py checks the norm at eps=1e-5, where leaving eps out goes unseen: here it matters."""
+    generator = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.randn(4, 2, 64, generator=generator)
+    weight, bias = 1 + 0.1 * torch.randn(2, 64, generator=generator)
+    linear = SimpleNamespace(  # the attributes of TE's LayerNormColumnParallelLinear that are read
+        layer_norm_weight=weight, layer_norm_bias=bias, zero_centered_gamma=False, normalization=normalization, eps=0.5,
+    )
+    norm = torch.nn.RMSNorm(64, eps=0.5) if normalization == "RMSNorm" else torch.nn.LayerNorm(64, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        if normalization == "LayerNorm":
+            norm.bias.copy_(bias)
+        torch.testing.assert_close(_fused_input_norm(linear, x), norm(x))
+
+
+def test_the_model_reports_its_sharing_set():
+    model = build_model(tiny_run(num_layers=4))
+    model.set_sharing_layers([3, 2])
+    assert model.sharing_layers == (2, 3)
