@@ -1,6 +1,6 @@
 """megatron-core model paths that `make mutation` found untested: what a sharing layer refuses (inference contexts in
 either keyword form, packed sequences), its row projection with a bias, the epsilon of the norm it applies for TE,
-an attention mask given to the model, and the sharing set it reports."""
+an attention mask given to the model, the sharing set it reports, and an fp32 model left unwrapped for training."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from megatron_patches.model import build_model, transformer_config
+from megatron_patches.model import build_model, in_training_precision, transformer_config
 from megatron_patches.sharing_attention import _fused_input_norm
 from tests.model_utils import load_weights, random_weights, tiny_run
 
@@ -94,3 +94,9 @@ def test_the_model_reports_its_sharing_set():
     model = build_model(tiny_run(num_layers=4))
     model.set_sharing_layers([3, 2])
     assert model.sharing_layers == (2, 3)
+
+
+def test_an_fp32_model_is_trained_as_it_is():
+    run = tiny_run(num_layers=2)
+    model = build_model(run)
+    assert in_training_precision(model, transformer_config(run)) is model
