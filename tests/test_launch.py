@@ -133,7 +133,7 @@ def test_torchrun_sigusr1_saves_and_exits_zero(tmp_path, two_nodes):
     output = run.output()
     assert codes == [0, 0], output[-4000:]
     assert "SIGUSR1 received, asking the workers to save and stop" in output
-    saved = re.search(r"received a stop signal: saving at iteration (\d+)", output)
+    saved = re.search(r"received a stop signal \(SIGUSR1\): saving at iteration (\d+)", output)
     assert saved, output[-4000:]
     iteration = int(saved.group(1))
     assert 0 < iteration < 2000

@@ -335,7 +335,7 @@ wait_for_log "$work/job-preempt.out" "requeueing job $job"
 # The first run is gone once the job has been requeued (Restarts counts requeues).
 while ((SECONDS < deadline)) && [[ $(job_field "$job" Restarts) == 0 ]]; do sleep 0.5; done
 [[ $(job_field "$job" Restarts) -ge 1 ]] || fail "job $job was not requeued"
-saved=$(sed -n 's/^received a stop signal: saving at iteration \([0-9]*\).*/\1/p' "$work/job-preempt.out" | head -n1)
+saved=$(sed -n 's/^received a stop signal ([A-Z0-9]*): saving at iteration \([0-9]*\).*/\1/p' "$work/job-preempt.out" | head -n1)
 [[ -n $saved ]] || fail "the trainer never reported the stop signal"
 ((saved < steps)) || fail "job $job had finished before the signal arrived; nothing to test"
 [[ -d $work/ckpt-preempt/iter_$(printf %07d "$saved") ]] || fail "no checkpoint for iteration $saved"
