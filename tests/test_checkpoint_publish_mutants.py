@@ -127,3 +127,28 @@ def test_a_save_stopped_at_any_step_leaves_latest_on_a_complete_checkpoint(tmp_p
     assert _save(root, 4, run) == root / "iter_0000004"
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
     assert _resumed_iteration(root, run) == 4
+
+
+def test_a_replacement_stopped_before_its_cleanup_is_finished_by_the_next_save(tmp_path, monkeypatch):
+    """Saving an iteration that exists moves the old folder aside and deletes it last; stopped just before that, the
+    next save of the same iteration clears the leftover first."""
+    run = tiny_run(num_layers=2)
+    root = tmp_path / "checkpoints"
+    _save(root, 2, run)
+    _save(root, 3, run)
+    rmtree = checkpointing.shutil.rmtree
+
+    def rmtree_and_die(path, *args, **kwargs):
+        if Path(path).name.endswith(".replaced"):
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", rmtree_and_die)
+    with pytest.raises(Killed):
+        _save(root, 2, run)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000002.replaced", "iter_0000003", "latest"]
+    assert _resumed_iteration(root, run) == 3
+    _save(root, 2, run)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
+    assert _resumed_iteration(root, run) == 2
