@@ -44,7 +44,7 @@ test:
 test-quick:
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
 
-# Mutation testing of the EPAS core with mutmut, by hand (not part of `make test`): about 30 minutes on 2 cores.
+# Mutation testing of the EPAS core with mutmut, by hand (not part of `make test`): 30-40 minutes on 2 cores.
 # It works in a copy outside the repository and writes runs/mutation/report.md; MUTANTS="pattern ..." runs only
 # those mutants, MUTATION_FROM=<commit> tests a commit instead of the working tree. See docs/TESTING.md.
 mutation:
