@@ -48,7 +48,7 @@ test-quick:
 # It works in a copy outside the repository and writes runs/mutation/report.md; MUTANTS="pattern ..." runs only
 # those mutants, MUTATION_FROM=<commit> tests a commit instead of the working tree. See docs/TESTING.md.
 mutation:
-	VENV=$(VENV) bash tools/mutation/run.sh $(MUTANTS)
+	set -f; VENV=$(VENV) bash tools/mutation/run.sh $(MUTANTS)
 
 # The Hugging Face model tests once more with the oldest transformers pyproject.toml allows, in a small
 # second environment (locks/oldest.in); the project itself is installed there without dependencies.
