@@ -97,6 +97,12 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     return state
 
 
+def _distributed_optimizer(optimizer) -> DistributedOptimizer | None:
+    """The run's DistributedOptimizer (alone, or the single one megatron-core chains), else None."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return chained[0] if len(chained) == 1 and isinstance(chained[0], DistributedOptimizer) else None
+
+
 def _create_adam_states(optimizer) -> None:
     """Give every parameter of a distributed optimizer's torch Adam its (zero) states.
 
@@ -105,15 +111,15 @@ def _create_adam_states(optimizer) -> None:
     apex's Adam, which megatron-core expects on GPUs, keep ``step`` elsewhere); the load then
     overwrites these zeros.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(inner, DistributedOptimizer):
-            continue
-        for group in inner.optimizer.param_groups:
-            for parameter in group["params"]:
-                state = inner.optimizer.state[parameter]
-                if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(parameter),
-                                 exp_avg_sq=torch.zeros_like(parameter))
+    distributed = _distributed_optimizer(optimizer)
+    if distributed is None:
+        return
+    adam = distributed.optimizer
+    for group in adam.param_groups:
+        for parameter in group["params"]:
+            if not adam.state[parameter]:
+                adam.state[parameter].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(parameter),
+                                             exp_avg_sq=torch.zeros_like(parameter))
 
 
 def _restore_adam_steps(optimizer, saved: dict) -> None:
@@ -124,12 +130,12 @@ def _restore_adam_steps(optimizer, saved: dict) -> None:
     saved param groups, but its DP-reshardable load leaves the states at the freshly created step
     and puts one shared tensor into all of them, which Adam would advance once per parameter.
     """
-    inner = optimizer.chained_optimizers[0] if len(getattr(optimizer, "chained_optimizers", [])) == 1 else optimizer
+    distributed = _distributed_optimizer(optimizer)
     steps = {group["step"] for group in saved.get("optimizer", {}).get("param_groups", []) if "step" in group}
-    if not isinstance(inner, DistributedOptimizer) or len(steps) != 1:
+    if distributed is None or len(steps) != 1:
         return
     (step,) = steps
-    for state in inner.optimizer.state.values():
+    for state in distributed.optimizer.state.values():
         if "step" in state:
             state["step"] = torch.tensor(float(step))
 
@@ -213,10 +219,11 @@ def _point_latest_at(root: Path, iteration: int) -> None:
     os.replace(pointer, root / LATEST)
 
 
-def newest_loadable(root: Path, warn) -> Path:
-    """The checkpoint to resume ``root`` from: ``latest``, or when that one is damaged (a shard cut
-    short or deleted, a file that is not plain data) the newest earlier complete one, after
-    ``warn(message)`` names what is wrong. Nothing is deleted; the next saves replace the damaged one.
+def newest_loadable(root: Path, warn) -> tuple[Path, dict]:
+    """The checkpoint to resume ``root`` from, with its :func:`common_state`: ``latest``, or when that
+    one is damaged (a shard cut short or deleted, a file that is not plain data) the newest earlier
+    complete one, after ``warn(message)`` names what is wrong. Nothing is deleted; the next saves
+    replace the damaged one.
     """
     latest = latest_iteration(root)
     older = sorted((int(p.name[5:]) for p in root.glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name)), reverse=True)
@@ -226,13 +233,13 @@ def newest_loadable(root: Path, warn) -> Path:
         try:
             if not path.is_dir():
                 raise InputError(f"{path} does not exist")
-            verify_checkpoint(path)
+            common = common_state(path)
         except InputError as problem:
             problems.append(str(problem))
             continue
         if problems:
             warn(f"{'; '.join(problems)}. Resuming from {path} instead")
-        return path
+        return path, common
     raise InputError(f"no complete checkpoint to resume from in {root}: {'; '.join(problems)}")
 
 
@@ -275,15 +282,15 @@ def common_state(path: Path) -> dict:
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
-def load(path: Path, model_chunks, optimizer, run: RunConfig) -> dict:
+def load(path: Path, model_chunks, optimizer, run: RunConfig, common: dict | None = None) -> dict:
     """Load ``path`` into the model (and the optimizer unless None); return its plain state.
 
-    Any TP/PP layout can load any checkpoint; RNG states are per rank, so they are restored
-    only when the layout is unchanged.
+    ``common`` is its :func:`common_state` when the caller has read it already. Any TP/PP layout can
+    load any checkpoint; RNG states are per rank, so they are restored only when the layout is unchanged.
     """
     if not (path / "metadata.json").is_file():
         raise ConfigError(f"{path} is not a complete checkpoint (no metadata.json)")
-    common = common_state(path)
+    common = common or common_state(path)
     check_model_shape(common["config"]["model"], run, path)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
     same_layout = common.get("layout") == _layout()

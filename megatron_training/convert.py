@@ -133,7 +133,7 @@ def megatron_to_hf_checkpoint(
         trained_dtype = torch.bfloat16 if run.device == "cuda" else torch.float32
         run = _single_process(run)
         megatron_model = build_model(run)
-        checkpointing.load(path, [megatron_model], None, run)
+        checkpointing.load(path, [megatron_model], None, run, common)
         weights = megatron_to_hf(megatron_model.state_dict(), run.model)
         del megatron_model
         distributed.shutdown()

@@ -211,15 +211,16 @@ class Trainer:
         ckpt = self.run.checkpoint
         root = Path(ckpt.dir) if ckpt.dir else None
         if root is not None and checkpointing.latest_iteration(root) is not None:
-            path, resume = checkpointing.newest_loadable(root, self.log.warn), True  # continue this run
+            (path, common), resume = checkpointing.newest_loadable(root, self.log.warn), True  # continue this run
         elif ckpt.load:
             path, resume = checkpointing.resolve(Path(ckpt.load)), ckpt.load_optimizer
+            common = checkpointing.common_state(path)
         else:
             return
         if resume:
-            for warning in check_resume(checkpointing.common_state(path), self.run, path):
+            for warning in check_resume(common, self.run, path):
                 self.log.warn(warning)
-        state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run)
+        state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run, common)
         if resume:
             self.iteration = self._last_saved = state["iteration"]
             self.consumed_samples = state["consumed_samples"]
