@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from epas.config import EPASConfig, ModelConfig, ParallelConfig, RunConfig
@@ -86,3 +87,16 @@ def reference_llama(run: RunConfig, state: dict) -> ReferenceLlama:
     )
     reference.load_megatron(state)
     return reference
+
+
+def check_rank_results(results_by_rank, expected_losses: dict, label) -> None:
+    """Every rank's (mode, sharing, loss, worst, error) rows: each gradient error below 1e-5, and the
+    losses (reported by the last stage only) equal to ``expected_losses`` for every (mode, sharing)."""
+    checked = set()
+    for rank_results in results_by_rank:
+        for mode, sharing, loss, worst, error in rank_results:
+            assert error < 1e-5, (label, mode, sharing, worst, error)
+            if loss is not None:
+                assert loss == pytest.approx(expected_losses[(mode, sharing)], rel=1e-6)
+                checked.add((mode, sharing))
+    assert checked == set(expected_losses)  # the last stage reported every loss

@@ -12,7 +12,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_patches import pipeline
 from megatron_training import distributed
 from megatron_patches.model import build_model, transformer_config
-from tests.model_utils import load_weights, random_weights, relative_error, tiny_run, tp_shard
+from tests.model_utils import check_rank_results, load_weights, random_weights, relative_error, tiny_run, tp_shard
 from tests.multiprocess import run_workers
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
@@ -150,14 +150,7 @@ def test_pipeline_layout_equals_single_stage(layout):
             cases.append(case)
             expected_losses.update({(mode, s): loss for s, loss in zip(sets, losses)})
 
-    checked = set()
-    for rank_results in run_workers(_pipeline_worker, world, kwargs, cases):
-        for mode, sharing, loss, worst, error in rank_results:
-            assert error < 1e-5, (layout, mode, sharing, worst, error)
-            if loss is not None:
-                assert loss == pytest.approx(expected_losses[(mode, sharing)], rel=1e-6)
-                checked.add((mode, sharing))
-    assert checked == set(expected_losses)  # the last stage reported every loss
+    check_rank_results(run_workers(_pipeline_worker, world, kwargs, cases), expected_losses, layout)
 
 
 def test_chunk_boundaries_and_packing_round_trip():

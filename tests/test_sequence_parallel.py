@@ -28,7 +28,7 @@ from megatron_training import checkpointing, distributed
 from megatron_training.builders import build_chunks
 from megatron_training.trainer import Trainer
 from megatron_training.validation import validate_run
-from tests.model_utils import load_weights, relative_error, tp_shard
+from tests.model_utils import check_rank_results, load_weights, relative_error, tp_shard
 from tests.multiprocess import run_workers
 from tests.test_pipeline import (
     GROWING, MICRO_BATCH, MICRO_BATCHES, SEQ, SPANNING, _forward_step, _global_name, _layout_run, _single_stage,
@@ -90,14 +90,7 @@ def test_sequence_parallel_equals_single_process(pp):
             cases.append(case)
             expected_losses.update({(mode, s): loss for s, loss in zip(sets, losses)})
 
-    checked = set()
-    for rank_results in run_workers(_sp_worker, 2 * pp, pp, cases):
-        for mode, sharing, loss, worst, error in rank_results:
-            assert error < 1e-5, (pp, mode, sharing, worst, error)
-            if loss is not None:
-                assert loss == pytest.approx(expected_losses[(mode, sharing)], rel=1e-6)
-                checked.add((mode, sharing))
-    assert checked == set(expected_losses)  # the last stage reported every loss
+    check_rank_results(run_workers(_sp_worker, 2 * pp, pp, cases), expected_losses, pp)
 
 
 def _train_worker(rank, run):

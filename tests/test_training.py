@@ -195,19 +195,22 @@ def test_a_save_killed_anywhere_resumes_from_a_complete_checkpoint(tmp_path, poi
     assert set(losses) == set(range(1, 5))
 
 
+def _pretrain_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """pretrain_epas.py on the tiny preset and mock data, in a session of its own (to find its children)."""
+    args = ["data.mock=true", f"data.cache_dir={tmp_path / 'cache'}", "training.log_interval=1",
+            "training.eval_interval=0", *overrides]
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True,
+    )
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_the_current_step_and_exits_cleanly(tmp_path, stop_signal):
     """SIGTERM as SLURM sends it before a time limit, SIGINT as Ctrl-C sends it: save, then exit 0."""
-    run = _run(tmp_path, "sigterm", "training.train_steps=100000")
-    args = [f"{k}={v}" for k, v in {
-        "data.mock": "true", "data.micro_batch_size": 2, "data.global_batch_size": 8,
-        "data.cache_dir": tmp_path / "cache", "training.log_interval": 1, "training.eval_interval": 0,
-        "training.train_steps": 100000, "checkpoint.dir": run.checkpoint.dir,
-    }.items()]
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )
+    checkpoint_dir = tmp_path / "sigterm" / "ckpt"
+    process = _pretrain_process(tmp_path, "data.micro_batch_size=2", "data.global_batch_size=8",
+                                "training.train_steps=100000", f"checkpoint.dir={checkpoint_dir}")
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -220,17 +223,7 @@ def test_a_stop_signal_saves_the_current_step_and_exits_cleanly(tmp_path, stop_s
     assert "Traceback" not in output
     saved_at = int(output.split("saving at iteration ")[1].split()[0])
     assert saved_at >= 3
-    assert checkpointing.latest_iteration(Path(run.checkpoint.dir)) == saved_at
-
-
-def _pretrain_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
-    """pretrain_epas.py on the tiny preset and mock data, in a session of its own (to find its children)."""
-    args = ["data.mock=true", f"data.cache_dir={tmp_path / 'cache'}", "training.log_interval=1",
-            "training.eval_interval=0", *overrides]
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True,
-    )
+    assert checkpointing.latest_iteration(checkpoint_dir) == saved_at
 
 
 def _session(sid: int) -> list[psutil.Process]:
