@@ -465,7 +465,8 @@ def test_megatron_to_hf_killed_midway_leaves_no_loadable_folder_and_reruns(tmp_p
     for point in CONVERSION_KILL_POINTS:
         with pytest.raises(AssertionError, match="died without reporting"):
             run_workers(_killed_conversion_worker, 1, argv, point, str(output))
-        with pytest.raises(OSError):
+        assert not output.exists()
+        with pytest.raises((OSError, ValueError)):  # transformers < 5 names a missing folder a bad repo id
             AutoModelForCausalLM.from_pretrained(str(output), trust_remote_code=True)
         (staging,) = _siblings(output)  # this run's: the earlier one was removed
         assert (output.parent / staging / "model.safetensors").is_file()  # written, but not under OUTPUT
