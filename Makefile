@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/cpu.txt
 OLDEST_VENV ?= .venv-oldest
 OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
-# The Hugging Face model tests: the model and its cache, conversion, the generate benchmark.
-HF_TESTS := tests/test_hf_model.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
+# The tests that call transformers, in one process: the Hugging Face model and its cache, the conversion mapping
+# against LlamaForCausalLM, the conversion commands' checks, the generate benchmark. The multi-process conversion
+# runs (marked slow) exercise megatron-core, the same in both environments: `make test` runs them.
+HF_TESTS := tests/test_hf_model.py tests/test_hf_cache.py tests/test_hf_forward_paths.py \
+	tests/test_hf_weights_mutants.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
 .PHONY: setup demo demo-finetune test test-quick test-oldest test-gpu test-slurm bench-cpu lock mutation
 
@@ -60,7 +63,7 @@ $(OLDEST_VENV)/bin/python:
 
 test-oldest: $(OLDEST_VENV)/bin/python
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	$(OLDEST_VENV)/bin/python -m pytest -q $(HF_TESTS)
+	$(OLDEST_VENV)/bin/python -m pytest -q -m "not slow" $(HF_TESTS)
 
 # Resolve pyproject.toml's ranges (and locks/oldest.in) afresh into locks/*.txt; see docs/INSTALL.md.
 lock:
