@@ -125,6 +125,9 @@ class ParallelConfig:
     # balance the embedding and the output layer
     first_stage_layers: Count | None = None
     last_stage_layers: Count | None = None  # layers on the last stage (uneven pipelines)
+    overlap_grad_reduce: bool = False  # reduce each gradient bucket over data parallelism while backward goes on
+    # with the distributed optimizer: gather each bucket's updated weights during the next forward
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -215,11 +218,46 @@ class CheckpointConfig:
     save_interval: Count | None = None  # steps between saves (null: only the last step, which is always saved)
     load: str | None = None  # start from this checkpoint folder instead (e.g. a converted HF model)
     load_optimizer: bool = True  # false: take only the weights (continual pretraining)
+    # write in the background (megatron-core's async sharded save) while training goes on; `latest` moves to a
+    # checkpoint only once every rank has finished writing it
+    async_save: bool = False
+    # keep the newest N checkpoints, deleting older ones once a newer one is published (null: keep all); never
+    # the one this run resumed from, nor a folder holding a file named KEEP
+    keep_last: Count | None = None
 
 
 @dataclass
 class LoggingConfig:
+    """Where metrics go: the console always, TensorBoard and Weights & Biases when named (the same scalars)."""
+
     tensorboard_dir: str | None = None  # TensorBoard event files (null: console only)
+    # Weights & Biases project (null: no W&B; needs `pip install wandb`); WANDB_MODE=offline works without network
+    wandb_project: str | None = None
+    wandb_entity: str | None = None  # W&B team or user (null: your default entity)
+    wandb_run_name: str | None = None  # (null: W&B names the run)
+    wandb_tags: list[str] | None = None  # labels to filter runs by in W&B
+    wandb_dir: str | None = None  # where W&B writes its files (null: ./wandb)
+
+
+@dataclass
+class ProfilingConfig:
+    """A torch-profiler window over a few training steps: traces that TensorBoard and Perfetto open."""
+
+    start_step: Count | None = None  # the first profiled iteration (null: no profiling)
+    num_steps: Count = 3  # iterations in the window
+    ranks: list[Annotated[int, Bound(0)]] = field(default_factory=lambda: [0])  # the ranks that profile
+    record_shapes: bool = False  # operator input shapes in the trace (larger files)
+    memory_snapshot: bool = False  # on CUDA: also a memory snapshot of the window (open at pytorch.org/memory_viz)
+    dir: str | None = None  # where traces go (null: profile/ under logging.tensorboard_dir)
+
+
+@dataclass
+class DistributedConfig:
+    """The process group."""
+
+    # a collective that waits longer than this for another rank fails the run, naming the operation and the
+    # rank that reports it (a hung or lost rank otherwise holds the job until the scheduler kills it)
+    timeout_minutes: Positive = 10.0
 
 
 @dataclass
@@ -232,6 +270,8 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     device: Literal["cpu", "cuda"] = "cpu"  # "cpu" switches on megatron_patches.cpu_bridge
     spec: Literal["local", "te"] = "local"  # "local" (megatron-core modules) or "te" (Transformer Engine, GPU)
     seed: Seed = 1234  # weights, data order and dropout
@@ -290,6 +330,7 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: Seed = 1234  # weights of new layers, data order
 
 

@@ -60,7 +60,28 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             f"checkpoint.load={run.checkpoint.load} does not exist; give a checkpoint folder "
             "(with 'latest' or an iter_N folder), e.g. one made by tools/convert_checkpoint.py"
         )
+    _check_operations(run, world_size)
     check_data_files(run)
+
+
+def _check_operations(run: RunConfig, world_size: int) -> None:
+    """Overlap, profiling and retention settings that need another setting to mean anything."""
+    parallel, profiling = run.parallel, run.profiling
+    if parallel.overlap_param_gather and not (run.optimizer.use_distributed_optimizer and parallel.overlap_grad_reduce):
+        raise ConfigError(
+            "parallel.overlap_param_gather gathers the distributed optimizer's weights bucket by bucket; it needs "
+            "optimizer.use_distributed_optimizer=true and parallel.overlap_grad_reduce=true"
+        )
+    if profiling.start_step is not None:
+        if not (profiling.dir or run.logging.tensorboard_dir):
+            raise ConfigError("profiling.start_step is set but there is nowhere to write the traces; set "
+                              "profiling.dir (or logging.tensorboard_dir, whose profile/ folder is then used)")
+        outside = [rank for rank in profiling.ranks if rank >= world_size]
+        if outside:
+            raise ConfigError(f"profiling.ranks={profiling.ranks} names rank(s) {outside} of a world of "
+                              f"{world_size} processes; give ranks below {world_size}")
+    if run.checkpoint.keep_last is not None and not run.checkpoint.dir:
+        raise ConfigError("checkpoint.keep_last deletes older checkpoints of checkpoint.dir, which is not set")
 
 
 def _check_sequence_parallel(seq_length: int, tp: int) -> None:
