@@ -1,4 +1,4 @@
-"""Console and TensorBoard logging of the training loop (written by the last rank only)."""
+"""Console lines and the experiment trackers of the training loop (written by the last rank only)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import resource
 import sys
 
 import torch
+
+from epas.config import LoggingConfig
+from epas.trackers import start_trackers
 
 
 def peak_memory_gb() -> float:
@@ -16,24 +19,20 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLogger:
-    """Writes scalars to TensorBoard and one readable console line per log interval."""
+    """Hands every scalar and text to each tracker (TensorBoard, W&B) alike; one readable console line per log
+    interval. ``config`` (the resolved run) is stored with each tracker's run."""
 
-    def __init__(self, tensorboard_dir: str | None, enabled: bool):
+    def __init__(self, settings: LoggingConfig, config: dict, enabled: bool):
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard_dir)
+        self.trackers = start_trackers(settings, config) if enabled else []
 
     def scalars(self, step: int, values: dict) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
 
     def text(self, step: int, tag: str, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        for tracker in self.trackers:
+            tracker.text(step, tag, text)
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -44,5 +43,5 @@ class MetricsLogger:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()

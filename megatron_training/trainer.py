@@ -19,7 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
-from epas.config import RunConfig
+from epas.config import RunConfig, to_dict
 from epas.flops import attention_counting, training_flops_per_token
 from epas.scheduler import SharingScheduler
 from megatron_patches.fusions import describe, fusions_of
@@ -28,6 +28,7 @@ from megatron_training.builders import build_chunks, build_lr_scheduler, build_o
 from megatron_training.cadence import Intervals, StopConditions, ThroughputWindow
 from megatron_training.data import build_datasets, micro_batches
 from megatron_training.metrics import MetricsLogger, peak_memory_gb
+from megatron_training.profiling import StepProfiler
 from megatron_training.resume import check_resume
 from megatron_training.step_guard import FiniteStepGuard
 
@@ -55,7 +56,7 @@ class Trainer:
         self.device = torch.device("cuda" if run.device == "cuda" else "cpu")
         self.stop = StopConditions(run, self.device)  # first, so a stop during start-up is honoured
         self.due = Intervals.of(run)
-        self.log = MetricsLogger(run.logging.tensorboard_dir, enabled=dist.get_rank() == dist.get_world_size() - 1)
+        self.log = MetricsLogger(run.logging, to_dict(run), enabled=dist.get_rank() == dist.get_world_size() - 1)
         self.config = training_transformer_config(run)
         self.chunks = build_chunks(run, self.config)
         self.optimizer = build_optimizer(run, self.config, self.chunks)
@@ -85,10 +86,12 @@ class Trainer:
         """Train to ``training.train_steps`` (or a stop); returns the last iteration."""
         self._announce()
         self.stop.start_clock()
+        profiler = StepProfiler(self.run, self.iteration)  # profiling.*
         window = ThroughputWindow()  # the steps since the last log line
         while self.iteration < self.run.training.train_steps:
             sharing = self.sharing.current  # the set this step trains with
             metrics = self._timed_step(window, sharing)
+            profiler.step()
             self._grow_sharing_region()
             if self.due.log_due(self.iteration):
                 self._log_step(metrics, sharing, window)
@@ -101,6 +104,7 @@ class Trainer:
             if reason:
                 self.log.print(f"{reason}: saving at iteration {self.iteration} and exiting")
                 break
+        profiler.close()
         self.save()
         self.log.close()
         return self.iteration
