@@ -1,4 +1,4 @@
-"""Trainer callbacks: the EPAS schedule, and saving and stopping as pretrain_epas.py does.
+"""Trainer callbacks: the EPAS schedule, saving and stopping as pretrain_epas.py does, and the trackers.
 
 The Trainer's ``global_step`` counts completed optimizer steps, which is exactly what
 epas.scheduler.SharingScheduler takes, so the region grows at the same steps as in
@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from epas.config import LoggingConfig
 from epas.scheduler import SharingScheduler
+from epas.trackers import TensorBoardTracker
 
 SCHEDULE_FILE = "epas_schedule.json"
 
@@ -94,3 +97,17 @@ class SaveAndStopCallback(TrainerCallback):
 def check_resumed_schedule(checkpoint: str | Path, scheduler: SharingScheduler) -> None:
     """Refuse to resume a Trainer checkpoint saved with other EPAS settings (ConfigError names the fix)."""
     scheduler.load_state_dict(json.loads((Path(checkpoint) / SCHEDULE_FILE).read_text()))
+
+
+def tracking_callbacks(settings: LoggingConfig, trackers: list) -> list:
+    """The Trainer's own TensorBoard and W&B callbacks for the trackers ``settings`` names, to be placed after
+    :class:`EpasScheduleCallback` so that they log the sharing size it adds. They write to the trackers started
+    on the main process (TensorBoard's writer, the W&B run holding the config); the W&B callback adds the
+    Trainer's arguments to the run's config."""
+    callbacks = []
+    if settings.tensorboard_dir:
+        writer = next((tracker.writer for tracker in trackers if isinstance(tracker, TensorBoardTracker)), None)
+        callbacks.append(TensorBoardCallback(writer))
+    if settings.wandb_project:
+        callbacks.append(WandbCallback())
+    return callbacks

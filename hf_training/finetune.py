@@ -14,19 +14,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainingArguments
-from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from epas_hf import EpasLlamaForCausalLM, write_model_files
-from epas.config import FinetuneConfig
+from epas.config import FinetuneConfig, to_dict
 from epas.errors import ConfigError
 from epas.data.tokenizer import load_tokenizer
 from epas.hf_config import read_model_config
 from epas.scheduler import SharingScheduler
+from epas.trackers import check_installed, start_trackers
 
-from .callbacks import SCHEDULE_FILE, EpasScheduleCallback, SaveAndStopCallback, check_resumed_schedule
+from .callbacks import (SCHEDULE_FILE, EpasScheduleCallback, SaveAndStopCallback, check_resumed_schedule,
+                        tracking_callbacks)
 from .data import PadToLongest, build_datasets, check_files
 
 FINAL_FOLDER = "model"
@@ -37,6 +37,7 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_l
 
 def validate_finetune(config: FinetuneConfig, world_size: int) -> None:
     """Every check that needs no model weights, so a bad config fails in seconds (ConfigError names the fix)."""
+    check_installed(config.logging)
     if config.model is None:
         raise ConfigError("model is not set; give the Hugging Face folder to start from (model=PATH)")
     model_config = read_model_config(config.model)
@@ -109,7 +110,8 @@ def training_arguments(config: FinetuneConfig, world_size: int, has_validation: 
         seed=config.seed,
         dataloader_drop_last=True,
         remove_unused_columns=False,
-        report_to="none",  # TensorBoard is added as a callback after the EPAS one, so it sees the sharing size
+        ddp_timeout=round(config.distributed.timeout_minutes * 60),
+        report_to="none",  # TensorBoard and W&B come as callbacks after the EPAS one, so they see the sharing size
     )
 
 
@@ -164,14 +166,14 @@ def finetune(config: FinetuneConfig) -> Path | None:
                           f"has {model.config.vocab_size}; use the model's own tokenizer")
     if last:
         print(f"resuming from {last} (step {_checkpoint_step(last)})", flush=True)
-    writer = SummaryWriter(config.logging.tensorboard_dir) if config.logging.tensorboard_dir and is_main else None
-    callbacks = [EpasScheduleCallback(model, scheduler), save_and_stop]
-    if config.logging.tensorboard_dir:
-        callbacks.append(TensorBoardCallback(writer))
+    trackers = start_trackers(config.logging, to_dict(config)) if is_main else []
+    callbacks = [EpasScheduleCallback(model, scheduler), save_and_stop, *tracking_callbacks(config.logging, trackers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=valid_data,
                       data_collator=PadToLongest(pad_id), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last)
+    for tracker in trackers:
+        tracker.close()
     if trainer.state.global_step < config.training.train_steps:
         print(f"stopped at step {trainer.state.global_step}; run the same command again to resume", flush=True)
         return None

@@ -11,6 +11,10 @@ With megatron-core's unfused attention (the local spec) in ``qk`` mode, a sharin
 reuses the source's attention probabilities: the same Q and K give the same softmax(QK^T), so
 only probabilities @ V is left to compute (and to keep for the backward). Flash attention
 (Transformer Engine) never materialises the probabilities, so there every layer recomputes them.
+
+The EPAS work is named in profiler traces: ``epas/publish_shared`` and ``epas/take_shared`` (the
+hand-off), ``epas/project_v_only`` / ``epas/project_q_only`` and ``epas/context_from_shared_probabilities``
+(torch.profiler ranges; NVTX ranges for Nsight Systems under ``torch.autograd.profiler.emit_nvtx``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
+from torch.profiler import record_function
 
 from epas.sharing import check_mode
 from megatron_patches.activation_cache import ActivationCache
@@ -101,7 +106,8 @@ class EPASSelfAttention(SelfAttention):
         if self.publishes:
             query, key, value = args[:3]
             shared = (query, key) if self.sharing_mode == "qk" else (key, value)
-            self.activation_cache.put(shared)
+            with record_function("epas/publish_shared"):
+                self.activation_cache.put(shared)
 
     def _keep_probabilities(self, module, args, probabilities):
         """Hand this block's attention probabilities (before dropout) to its sharing layers."""
@@ -132,7 +138,8 @@ class EPASSelfAttention(SelfAttention):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences are not supported in sharing mode")
 
-        shared = self.activation_cache.get(self.layer_number)
+        with record_function("epas/take_shared"):
+            shared = self.activation_cache.get(self.layer_number)
         if self.sharing_mode == "qk":
             query, key = shared
             value = self._project_rows(hidden_states, "v")
@@ -154,7 +161,8 @@ class EPASSelfAttention(SelfAttention):
         probabilities = self.activation_cache.probabilities if self.shares_probabilities else None
         checkpointed = self.checkpoint_core_attention and self.training
         if probabilities is not None and not checkpointed:
-            core_attn_out = self.core_attention.context_from_probabilities(probabilities, value)
+            with record_function("epas/context_from_shared_probabilities"):
+                core_attn_out = self.core_attention.context_from_probabilities(probabilities, value)
         elif checkpointed:
             core_attn_out = self._checkpointed_attention_forward(
                 query, key, value, attention_mask, attention_bias=attention_bias
@@ -191,15 +199,16 @@ class EPASSelfAttention(SelfAttention):
             bias = None
 
         sequence_parallel = self.config.sequence_parallel
-        output = tensor_parallel.linear_with_grad_accumulation_and_async_allreduce(
-            input=_fused_input_norm(linear, hidden_states),
-            weight=weight,
-            bias=bias,
-            gradient_accumulation_fusion=False,  # a slice of the weight has no main_grad
-            allreduce_dgrad=self.world_size > 1 and not sequence_parallel,
-            sequence_parallel=sequence_parallel,
-            tp_group=self.pg_collection.tp,
-        )
+        with record_function(f"epas/project_{part}_only"):
+            output = tensor_parallel.linear_with_grad_accumulation_and_async_allreduce(
+                input=_fused_input_norm(linear, hidden_states),
+                weight=weight,
+                bias=bias,
+                gradient_accumulation_fusion=False,  # a slice of the weight has no main_grad
+                allreduce_dgrad=self.world_size > 1 and not sequence_parallel,
+                sequence_parallel=sequence_parallel,
+                tp_group=self.pg_collection.tp,
+            )
         return output.view(*output.shape[:2], -1, head_dim)
 
 

@@ -9,6 +9,7 @@ import torch
 from epas.config import RunConfig
 from epas.errors import ConfigError
 from epas.scheduler import SharingScheduler
+from epas.trackers import check_installed
 from megatron_training.data import check_data_files
 
 
@@ -61,6 +62,7 @@ def validate_run(run: RunConfig, world_size: int) -> None:
             "(with 'latest' or an iter_N folder), e.g. one made by tools/convert_checkpoint.py"
         )
     _check_operations(run, world_size)
+    check_installed(run.logging)
     check_data_files(run)
 
 

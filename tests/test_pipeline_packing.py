@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from megatron_patches import pipeline
 from megatron_patches.model import transformer_config
@@ -105,3 +106,13 @@ def test_chunk_start_layers(parallel, starts):
     for key, value in parallel.items():
         setattr(run.parallel, key, value)
     assert pipeline.chunk_start_layers(transformer_config(run)) == starts
+
+
+def test_packing_is_named_in_profiler_traces():
+    config, shared = _config(1, False), _shared("kv", 1, 12)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        packed = pipeline.pack(torch.randn(12, BATCH, HIDDEN), shared, pipeline.extra_rows(config, "kv", 12))
+        _, rows, seq_length = pipeline.split(config, "kv", packed)
+        pipeline.unpack(config, "kv", rows, seq_length)
+    ranges = [event.name for event in profiler.events() if event.name.startswith("epas/")]
+    assert ranges == ["epas/pipeline_pack", "epas/pipeline_split", "epas/pipeline_unpack"]

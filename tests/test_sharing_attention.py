@@ -1,20 +1,23 @@
 """megatron-core model paths that `make mutation` found untested: what a sharing layer refuses (inference contexts in
 either keyword form, packed sequences), its row projection with a bias, the epsilon of the norm it applies for TE,
-an attention mask given to the model, the sharing set it reports, and an fp32 model left unwrapped for training."""
+an attention mask given to the model, the sharing set it reports, an fp32 model left unwrapped for training, and
+the names of the EPAS work in profiler traces."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
+from torch.profiler import ProfilerActivity, profile
 
 from megatron_patches.model import build_model, in_training_precision, transformer_config
 from megatron_patches.sharing_attention import _fused_input_norm
-from tests.model_utils import load_weights, random_weights, tiny_run
+from tests.model_utils import lm_loss, load_weights, random_weights, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
@@ -100,3 +103,18 @@ def test_an_fp32_model_is_trained_as_it_is():
     run = tiny_run(num_layers=2)
     model = build_model(run)
     assert in_training_precision(model, transformer_config(run)) is model
+
+
+@pytest.mark.parametrize("mode, work", [
+    ("qk", {"epas/project_v_only": 2, "epas/context_from_shared_probabilities": 2}),
+    ("kv", {"epas/project_q_only": 2}),
+])
+def test_the_epas_work_is_named_in_profiler_traces(mode, work):
+    """Layer 1 hands its tensors to sharing layers 2 and 3: one publish, two takes, two partial projections."""
+    model = build_model(tiny_run(mode, num_layers=4))
+    model.set_sharing_layers([2, 3])
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        lm_loss(model, tokens, tokens).backward()
+    ranges = Counter(event.name for event in profiler.events() if event.name.startswith("epas/"))
+    assert ranges == {"epas/publish_shared": 1, "epas/take_shared": 2, **work}
