@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_training import checkpointing, distributed
-from epas.config import load_config
+from epas.config import load_config, to_dict
 from epas.errors import ConfigError
+from epas.trackers import CONFIG_TAG
 from megatron_training.step_guard import NonFiniteStepError, weights_finite
 from megatron_training.trainer import Trainer
 from megatron_training.validation import validate_run
 from tests.multiprocess import run_workers, train_worker
+from tests.wandb_offline import as_float32, read_offline_run, tensorboard_series, tensorboard_texts
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
@@ -306,7 +311,9 @@ def test_a_full_disk_fails_the_save_by_name_and_keeps_the_previous_checkpoint(tm
 # ---- a real run --------------------------------------------------------------------------------
 
 
-def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
+def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path, monkeypatch):
+    """The demo corpus for 60 steps: the loss falls, TensorBoard and W&B (offline) hold the same metrics and the
+    resolved config, and the profiler window traces the EPAS work of two iterations."""
     from epas.data.demo_corpus import main as build_corpus
     from analysis.plot_runs import plot_runs
 
@@ -317,8 +324,12 @@ def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
         "training.eval_interval=30", "training.eval_steps=2", "training.peak_tflops=1.0",
         "optimizer.warmup_steps=5", "epas.interval=15", f"checkpoint.dir={tmp_path / 'ckpt'}",
         "checkpoint.save_interval=30", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+        "logging.wandb_project=epas-test", "logging.wandb_run_name=real-text", "logging.wandb_tags=[cpu,demo]",
+        f"logging.wandb_dir={tmp_path}", "profiling.start_step=20", "profiling.num_steps=2",
+        "profiling.record_shapes=true",
     ])
     validate_run(run, 1)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the worker inherits it
     run_workers(train_worker, 1, run)
 
     tensorboard = tmp_path / "tb"
@@ -337,6 +348,22 @@ def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path):
     assert (tmp_path / "ckpt" / "iter_0000030" / "run_config.yaml").is_file()
     written = plot_runs([tensorboard], tmp_path / "plots")
     assert [p.name for p in written] == ["loss.png", "throughput.png"]
+
+    wandb_run = read_offline_run(tmp_path)
+    assert (wandb_run.project, wandb_run.name, wandb_run.tags) == ("epas-test", "real-text", ["cpu", "demo"])
+    assert as_float32(wandb_run.series()) == tensorboard_series(tensorboard)
+    texts = tensorboard_texts(tensorboard)
+    resolved = json.loads(json.dumps(to_dict(run)))
+    assert yaml.safe_load(texts.pop(CONFIG_TAG)[0].removeprefix("```yaml\n").removesuffix("```")) == resolved
+    assert wandb_run.texts() == texts and len(texts["epas/sharing_layers"]) == 3
+    assert {key: value for key, value in wandb_run.config.items() if key != "_wandb"} == resolved
+
+    # iterations 20 and 21 train with one sharing layer, in two micro-batches each
+    trace = json.loads((tensorboard / "profile" / "rank0.20.pt.trace.json").read_text())["traceEvents"]
+    ranges = Counter(event["name"] for event in trace if event.get("name", "").startswith("epas/"))
+    work = ("epas/publish_shared", "epas/take_shared", "epas/project_v_only", "epas/context_from_shared_probabilities")
+    assert ranges == {name: 4 for name in work}
+    assert any("Input Dims" in event.get("args", {}) for event in trace)  # profiling.record_shapes
 
 
 def _nonfinite_worker(rank, run, poison_at=None):
