@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import shutil
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from epas.config import RunConfig, to_dict
 from epas.errors import ConfigError, InputError
 from megatron_training.checkpoint_files import verify_checkpoint
+from megatron_training.distributed import end_with_parent
 
 LATEST = "latest"
 # The distributed optimizer's states as each DP rank holds them (Megatron-LM's default): saved and
@@ -42,6 +45,17 @@ OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 def iteration_dir(root: Path, iteration: int) -> Path:
     return root / f"iter_{iteration:07d}"
+
+
+def _staging_dir(root: Path, iteration: int) -> Path:
+    """Where checkpoint ``iteration`` is written before it is complete (never loaded)."""
+    return root / f"iter_{iteration:07d}.tmp"
+
+
+def saved_iterations(root: Path) -> list[int]:
+    """The iterations of the ``iter_N`` folders under ``root``, newest first (complete or not)."""
+    names = (path.name for path in root.glob("iter_*"))
+    return sorted((int(name[5:]) for name in names if re.fullmatch(r"iter_\d{7}", name)), reverse=True)
 
 
 def latest_iteration(root: Path) -> int | None:
@@ -140,16 +154,18 @@ def _restore_adam_steps(optimizer, saved: dict) -> None:
             state["step"] = torch.tensor(float(step))
 
 
-def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: RunConfig) -> Path:
+def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: RunConfig,
+         background: BackgroundSaves | None = None, on_published=None) -> Path:
     """Save model, optimizer (unless None), RNG and ``extra`` as checkpoint ``iteration``.
 
     ``model_chunks`` are the unwrapped models (no DDP), so the keys are the model's own and a
     checkpoint written by a converter or a trainer reads the same. An ``iter_N`` that exists already
     (a save killed before ``latest`` moved, or a run resumed from an earlier iteration) is replaced
-    only once the new one is complete.
+    only once the new one is complete. With ``background`` the files are written by a process of
+    their own while training goes on, and the checkpoint is published when ``background`` finishes
+    it. ``on_published(path)`` runs on every rank once ``latest`` names it.
     """
-    final = iteration_dir(root, iteration)
-    staging = final.with_name(final.name + ".tmp")
+    final, staging = iteration_dir(root, iteration), _staging_dir(root, iteration)
     if dist.get_rank() == 0:
         if staging.exists():
             shutil.rmtree(staging)  # left behind by a killed save
@@ -160,17 +176,62 @@ def save(root: Path, iteration: int, model_chunks, optimizer, extra: dict, run: 
         extra, iteration=iteration, layout=_layout(), rng_state=_rng_state(), config=to_dict(run)
     )
     try:
-        dist_checkpointing.save(state, str(staging))
+        request = dist_checkpointing.save(state, str(staging), async_sharded_save=background is not None)
         if dist.get_rank() == 0:
             (staging / "run_config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         raise _save_error(error, root, staging, iteration) from error
+    publish = partial(_publish_everywhere, root, iteration, on_published)
+    if background is None:
+        publish()
+    else:
+        background.add(request, publish, root, iteration)
+    return final
+
+
+def _publish_everywhere(root: Path, iteration: int, on_published) -> None:
+    """Once every rank has written its part: rename ``iter_N.tmp`` to ``iter_N``, then move ``latest``."""
     dist.barrier()
+    final = iteration_dir(root, iteration)
     if dist.get_rank() == 0:
-        _publish(staging, final)
+        _publish(_staging_dir(root, iteration), final)
         _point_latest_at(root, iteration)
     dist.barrier()
-    return final
+    if on_published is not None:
+        on_published(final)
+
+
+@cache
+def _writers_end_with_their_trainer() -> None:
+    """The writer processes megatron-core forks for background saves die with the trainer (a ``kill -9``
+    of it would otherwise leave them writing a checkpoint nobody publishes)."""
+    os.register_at_fork(after_in_child=end_with_parent)
+
+
+class BackgroundSaves:
+    """``checkpoint.async_save``: megatron-core's async sharded saves in flight, each published once
+    every rank has finished writing it (megatron-core's queue agrees on that with one all-reduce)."""
+
+    def __init__(self):
+        self._queue = AsyncCallsQueue()
+        self._in_flight: list[tuple[Path, int]] = []  # (root, iteration), oldest first
+
+    def add(self, request, publish, root: Path, iteration: int) -> None:
+        _writers_end_with_their_trainer()
+        request.add_finalize_fn(publish)
+        self._queue.schedule_async_request(request)
+        self._in_flight.append((root, iteration))
+
+    def finish(self, wait: bool) -> None:
+        """Publish the saves every rank has written (with ``wait``: all of them, waiting). Collective."""
+        if not self._in_flight:
+            return
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=wait)
+        except (Exception, CheckpointException) as error:
+            root, iteration = self._in_flight[0]
+            raise _save_error(error, root, _staging_dir(root, iteration), iteration) from error
+        del self._in_flight[:len(done)]
 
 
 def _publish(staging: Path, final: Path) -> None:
@@ -226,9 +287,8 @@ def newest_loadable(root: Path, warn) -> tuple[Path, dict]:
     replace the damaged one.
     """
     latest = latest_iteration(root)
-    older = sorted((int(p.name[5:]) for p in root.glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name)), reverse=True)
     problems = []
-    for iteration in [latest, *(i for i in older if i < latest)]:
+    for iteration in [latest, *(i for i in saved_iterations(root) if i < latest)]:
         path = iteration_dir(root, iteration)
         try:
             if not path.is_dir():

@@ -23,14 +23,14 @@ from epas.config import RunConfig, to_dict
 from epas.flops import attention_counting, training_flops_per_token
 from epas.scheduler import SharingScheduler
 from megatron_patches.fusions import describe, fusions_of
-from megatron_training import checkpointing
+from megatron_training import checkpointing, retention
 from megatron_training.builders import build_chunks, build_lr_scheduler, build_optimizer, training_transformer_config
 from megatron_training.cadence import Intervals, StopConditions, ThroughputWindow
 from megatron_training.data import build_datasets, micro_batches
 from megatron_training.metrics import MetricsLogger, peak_memory_gb
 from megatron_training.profiling import StepProfiler
 from megatron_training.resume import check_resume
-from megatron_training.step_guard import FiniteStepGuard
+from megatron_training.step_guard import FiniteStepGuard, NonFiniteStepError
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -70,6 +70,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self._last_saved = None
+        self._resumed_from = None  # never deleted by checkpoint.keep_last
+        self.background_saves = checkpointing.BackgroundSaves()  # used with checkpoint.async_save
         self._load_checkpoint()
         self._apply_sharing()
         self.num_microbatches = run.data.global_batch_size // (
@@ -86,12 +88,23 @@ class Trainer:
         """Train to ``training.train_steps`` (or a stop); returns the last iteration."""
         self._announce()
         self.stop.start_clock()
+        try:
+            self._train_until_done()
+        except NonFiniteStepError:
+            self.background_saves.finish(wait=True)  # a finite checkpoint being written is still published
+            raise
+        self.background_saves.finish(wait=True)
+        self.log.close()
+        return self.iteration
+
+    def _train_until_done(self) -> None:
         profiler = StepProfiler(self.run, self.iteration)  # profiling.*
         window = ThroughputWindow()  # the steps since the last log line
         while self.iteration < self.run.training.train_steps:
             sharing = self.sharing.current  # the set this step trains with
             metrics = self._timed_step(window, sharing)
             profiler.step()
+            self.background_saves.finish(wait=False)  # publish what every rank has finished writing
             self._grow_sharing_region()
             if self.due.log_due(self.iteration):
                 self._log_step(metrics, sharing, window)
@@ -106,8 +119,6 @@ class Trainer:
                 break
         profiler.close()
         self.save()
-        self.log.close()
-        return self.iteration
 
     # ---- one iteration --------------------------------------------------------------------------
 
@@ -226,7 +237,7 @@ class Trainer:
                 self.log.warn(warning)
         state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run, common)
         if resume:
-            self.iteration = self._last_saved = state["iteration"]
+            self.iteration = self._last_saved = self._resumed_from = state["iteration"]
             self.consumed_samples = state["consumed_samples"]
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.sharing.load_state_dict(state["epas_scheduler"])
@@ -242,11 +253,16 @@ class Trainer:
             group["eps"] = settings.adam_eps
 
     def save(self) -> None:
-        """Save this iteration, unless it is saved already (an interval save, or the resumed one)."""
+        """Save this iteration, unless it is saved already (an interval save, or the resumed one).
+
+        With ``checkpoint.async_save`` the previous background save is finished first, so at most one
+        is in flight; this one is published (and announced) when a later step finds it written.
+        """
         if not self.run.checkpoint.dir or self.iteration == self._last_saved:
             return
         self.guard.check_weights(self.models, self.iteration)
-        path = checkpointing.save(
+        self.background_saves.finish(wait=True)
+        checkpointing.save(
             Path(self.run.checkpoint.dir),
             self.iteration,
             self.models,
@@ -258,9 +274,21 @@ class Trainer:
                 "fused_kernels": fusions_of(self.config),
             },
             self.run,
+            self.background_saves if self.run.checkpoint.async_save else None,
+            on_published=self._published,
         )
         self._last_saved = self.iteration
+
+    def _published(self, path: Path) -> None:
+        """A checkpoint is complete and ``latest`` names it: the logging rank applies ``checkpoint.keep_last``."""
         self.log.print(f"saved checkpoint {path}")
+        keep_last = self.run.checkpoint.keep_last
+        if keep_last and self.log.enabled:
+            root = path.parent
+            protected = {self._resumed_from} - {None}
+            deleted = retention.prune(root, keep_last, checkpointing.latest_iteration(root), protected)
+            if deleted:
+                self.log.print(f"checkpoint.keep_last={keep_last}: deleted the checkpoints of iterations {deleted}")
 
     # ---- reporting ------------------------------------------------------------------------------
 

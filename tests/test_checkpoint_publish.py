@@ -7,6 +7,7 @@ it runs under ``make mutation``, so each step of ``checkpointing.save`` is check
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import yaml
 
 from epas.config import to_dict
+from epas.errors import InputError
 from megatron_patches.model import build_model
 from megatron_training import checkpointing
 from tests.model_utils import tiny_run
@@ -152,3 +154,44 @@ def test_a_replacement_stopped_before_its_cleanup_is_finished_by_the_next_save(t
     _save(root, 2, run)
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
     assert _resumed_iteration(root, run) == 2
+
+
+def test_a_background_save_is_published_once_written_with_the_weights_of_its_iteration(tmp_path):
+    """checkpoint.async_save: nothing is published until the writer has finished; the weights written are those of
+    the iteration saved, although training changes them while the writer runs."""
+    run = tiny_run(num_layers=2)
+    root, model, background = tmp_path / "checkpoints", build_model(run), checkpointing.BackgroundSaves()
+    published = []
+    for iteration in (2, 4):
+        _weights(model, iteration)
+        checkpointing.save(root, iteration, [model], None, {"tokens": 10 * iteration}, run, background,
+                           on_published=published.append)
+        _weights(model, iteration + 1)  # the next step's weights, while the save is in flight
+        assert checkpointing.latest_iteration(root) == (None if iteration == 2 else 2)
+        assert not (root / f"iter_{iteration:07d}").exists()
+        background.finish(wait=True)
+        assert published[-1] == root / f"iter_{iteration:07d}" and checkpointing.latest_iteration(root) == iteration
+        assert _resumed_iteration(root, run) == iteration
+    background.finish(wait=True)  # nothing left in flight: no collective, no error
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
+
+
+def test_a_background_write_that_fails_is_named_and_publishes_nothing(tmp_path, monkeypatch):
+    """The disk fills while the writer process runs: the next finish says so on every rank, the partial folder
+    is removed and ``latest`` stays on the previous checkpoint."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    run = tiny_run(num_layers=2)
+    root, background = tmp_path / "checkpoints", checkpointing.BackgroundSaves()
+    _save(root, 1, run)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem_async, "_write_item", full_disk)  # inherited by the forked writer
+    checkpointing.save(root, 2, [build_model(run)], None, {"tokens": 20}, run, background)
+    with pytest.raises(InputError, match="no space left on the device of .*while saving iteration 2.*"
+                                         "`latest` still points at the complete iter_0000001"):
+        background.finish(wait=True)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest"]
+    assert _resumed_iteration(root, run) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,36 +98,44 @@ def test_cli_reports_config_errors(tmp_path):
 # ---- resume and checkpoints ----------------------------------------------------------------------
 
 
+def _resume_from_a_copy(source: Path, run) -> Path:
+    """Start ``run`` from a copy of the checkpoint ``source`` (an ``iter_N`` folder of another run)."""
+    root = Path(run.checkpoint.dir)
+    shutil.copytree(source, root / source.name)
+    (root / "latest").write_text(f"{int(source.name[5:])}\n")
+    return root
+
+
 def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
     steps = ["training.train_steps=8", "parallel.tensor_parallel=2"]
-    straight = _run(tmp_path, "straight", *steps)
+    straight = _run(tmp_path, "straight", *steps, "checkpoint.save_interval=4")
     run_workers(train_worker, 2, straight)
-    halves = _run(tmp_path, "halves", *steps)
-    first_half = _run(tmp_path, "halves", *steps, "training.exit_interval=4")
-    run_workers(train_worker, 2, first_half)
-    assert checkpointing.latest_iteration(Path(halves.checkpoint.dir)) == 4
-    run_workers(train_worker, 2, halves)
+    resumed = _run(tmp_path, "resumed", *steps)
+    _resume_from_a_copy(Path(straight.checkpoint.dir) / "iter_0000004", resumed)
+    run_workers(train_worker, 2, resumed)
 
     expected = _scalars(Path(straight.logging.tensorboard_dir), "train/loss")
-    resumed = _scalars(Path(halves.logging.tensorboard_dir), "train/loss")
     assert sorted(expected) == list(range(1, 9))
-    assert resumed == expected  # bit-identical, steps 1-4 before and 5-8 after the resume
-    sharing = _scalars(Path(halves.logging.tensorboard_dir), "epas/num_sharing_layers")
-    assert sharing[4] == 1 and sharing[7] == 2  # steps 4-6 train with one sharing layer, 7-8 with two
+    assert _scalars(Path(resumed.logging.tensorboard_dir), "train/loss") == {s: expected[s] for s in range(5, 9)}
+    sharing = _scalars(Path(resumed.logging.tensorboard_dir), "epas/num_sharing_layers")
+    assert sharing[5] == 1 and sharing[7] == 2  # steps 4-6 train with one sharing layer, 7-8 with two
 
 
-def test_resume_is_exact_with_the_distributed_optimizer(tmp_path):
-    """ZeRO-1 over DP=2 (every large preset's setting): its sharded Adam states save and resume."""
-    steps = ["training.train_steps=4", "optimizer.use_distributed_optimizer=true"]
-    straight = _run(tmp_path, "straight", *steps)
+def test_resume_is_exact_with_the_distributed_optimizer_and_background_saves(tmp_path):
+    """ZeRO-1 over DP=2 (every large preset's setting) with checkpoint.async_save: the sharded Adam states save
+    and resume, a checkpoint written in the background while the next step trains holds its own iteration's
+    state, and checkpoint.keep_last deletes older checkpoints but not the one resumed from."""
+    steps = ["training.train_steps=4", "optimizer.use_distributed_optimizer=true", "checkpoint.async_save=true"]
+    straight = _run(tmp_path, "straight", *steps, "checkpoint.save_interval=2")
     run_workers(train_worker, 2, straight)
-    halves = _run(tmp_path, "halves", *steps)
-    run_workers(train_worker, 2, _run(tmp_path, "halves", *steps, "training.exit_interval=2"))
-    assert checkpointing.latest_iteration(Path(halves.checkpoint.dir)) == 2
-    run_workers(train_worker, 2, halves)
+    written_during_step_3 = Path(straight.checkpoint.dir) / "iter_0000002"
+    resumed = _run(tmp_path, "resumed", *steps, "checkpoint.save_interval=1", "checkpoint.keep_last=1")
+    root = _resume_from_a_copy(written_during_step_3, resumed)
+    run_workers(train_worker, 2, resumed)
     expected = _scalars(Path(straight.logging.tensorboard_dir), "train/loss")
     assert sorted(expected) == [1, 2, 3, 4]
-    assert _scalars(Path(halves.logging.tensorboard_dir), "train/loss") == expected
+    assert _scalars(Path(resumed.logging.tensorboard_dir), "train/loss") == {3: expected[3], 4: expected[4]}
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]  # 3 deleted
 
 
 def _load_loss_worker(rank, run, path):
