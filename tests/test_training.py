@@ -251,10 +251,12 @@ def _session(sid: int) -> list[psutil.Process]:
     return found
 
 
-def test_a_kill_during_a_save_leaves_no_process_behind(tmp_path):
-    """megatron-core's checkpoint writer starts helper processes; a SIGKILLed trainer must take them along."""
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_kill_during_a_save_leaves_no_process_behind(tmp_path, async_save):
+    """megatron-core's checkpoint writer starts helper processes (with checkpoint.async_save, a forked writer that
+    runs while training goes on); a SIGKILLed trainer must take them along."""
     process = _pretrain_process(tmp_path, "training.train_steps=100000", "checkpoint.save_interval=1",
-                                f"checkpoint.dir={tmp_path / 'ckpt'}")
+                                f"checkpoint.dir={tmp_path / 'ckpt'}", f"checkpoint.async_save={async_save}")
     try:
         for line in process.stdout:
             if line.startswith("saved checkpoint"):
