@@ -15,8 +15,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_patches.ranges import in_range
 
 
 def chunk_start_layers(config) -> set[int]:
@@ -55,7 +56,7 @@ def p2p_seq_length(config, mode: str, seq_length: int) -> int:
     return seq_length + extra_rows(config, mode, seq_length) * _sequence_parallel_factor(config)
 
 
-@record_function("epas/pipeline_pack")
+@in_range("epas/pipeline_pack")
 def pack(hidden: torch.Tensor, shared, rows: int) -> torch.Tensor:
     """Append the shared tensors (or zeros when this boundary carries none) as ``rows`` rows."""
     batch, width = hidden.shape[1:]
@@ -66,7 +67,7 @@ def pack(hidden: torch.Tensor, shared, rows: int) -> torch.Tensor:
     return torch.cat([hidden, flat.view(rows, batch, width)])
 
 
-@record_function("epas/pipeline_split")
+@in_range("epas/pipeline_split")
 def split(config, mode: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Split a received tensor into hidden rows and shared rows; also return the sequence length.
 
@@ -92,7 +93,7 @@ def split(config, mode: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.
     return tensor[:hidden_rows], tensor[hidden_rows:], seq_length
 
 
-@record_function("epas/pipeline_unpack")
+@in_range("epas/pipeline_unpack")
 def unpack(config, mode: str, rows: torch.Tensor, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared pair ``[seq, batch, heads, head_dim]`` from the rows :func:`pack` appended."""
     tp, head_dim = config.tensor_model_parallel_size, config.kv_channels

@@ -14,7 +14,7 @@ only probabilities @ V is left to compute (and to keep for the backward). Flash 
 
 The EPAS work is named in profiler traces: ``epas/publish_shared`` and ``epas/take_shared`` (the
 hand-off), ``epas/project_v_only`` / ``epas/project_q_only`` and ``epas/context_from_shared_probabilities``
-(torch.profiler ranges; NVTX ranges for Nsight Systems under ``torch.autograd.profiler.emit_nvtx``).
+(:mod:`megatron_patches.ranges`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
-from torch.profiler import record_function
 
 from epas.sharing import check_mode
 from megatron_patches.activation_cache import ActivationCache
+from megatron_patches.ranges import epas_range
 
 
 class EPASDotProductAttention(DotProductAttention):
@@ -106,7 +106,7 @@ class EPASSelfAttention(SelfAttention):
         if self.publishes:
             query, key, value = args[:3]
             shared = (query, key) if self.sharing_mode == "qk" else (key, value)
-            with record_function("epas/publish_shared"):
+            with epas_range("epas/publish_shared"):
                 self.activation_cache.put(shared)
 
     def _keep_probabilities(self, module, args, probabilities):
@@ -138,7 +138,7 @@ class EPASSelfAttention(SelfAttention):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences are not supported in sharing mode")
 
-        with record_function("epas/take_shared"):
+        with epas_range("epas/take_shared"):
             shared = self.activation_cache.get(self.layer_number)
         if self.sharing_mode == "qk":
             query, key = shared
@@ -161,7 +161,7 @@ class EPASSelfAttention(SelfAttention):
         probabilities = self.activation_cache.probabilities if self.shares_probabilities else None
         checkpointed = self.checkpoint_core_attention and self.training
         if probabilities is not None and not checkpointed:
-            with record_function("epas/context_from_shared_probabilities"):
+            with epas_range("epas/context_from_shared_probabilities"):
                 core_attn_out = self.core_attention.context_from_probabilities(probabilities, value)
         elif checkpointed:
             core_attn_out = self._checkpointed_attention_forward(
@@ -199,7 +199,7 @@ class EPASSelfAttention(SelfAttention):
             bias = None
 
         sequence_parallel = self.config.sequence_parallel
-        with record_function(f"epas/project_{part}_only"):
+        with epas_range(f"epas/project_{part}_only"):
             output = tensor_parallel.linear_with_grad_accumulation_and_async_allreduce(
                 input=_fused_input_norm(linear, hidden_states),
                 weight=weight,
