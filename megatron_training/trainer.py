@@ -27,7 +27,7 @@ from megatron_training import checkpointing, retention
 from megatron_training.builders import build_chunks, build_lr_scheduler, build_optimizer, training_transformer_config
 from megatron_training.cadence import Intervals, StopConditions, ThroughputWindow
 from megatron_training.data import build_datasets, micro_batches
-from megatron_training.metrics import MetricsLogger, peak_memory_gb
+from megatron_training.metrics import MetricsLogger, describe_memory, peak_memory_by_rank
 from megatron_training.profiling import StepProfiler
 from megatron_training.resume import check_resume
 from megatron_training.step_guard import FiniteStepGuard, NonFiniteStepError
@@ -71,6 +71,7 @@ class Trainer:
         self.consumed_samples = 0
         self._last_saved = None
         self._resumed_from = None  # never deleted by checkpoint.keep_last
+        self._memory_shown = False
         self.background_saves = checkpointing.BackgroundSaves()  # used with checkpoint.async_save
         self._load_checkpoint()
         self._apply_sharing()
@@ -321,8 +322,8 @@ class Trainer:
             "train/grad_norm": metrics["grad_norm"] or 0.0,
             "train/tokens_per_s": tokens_per_step / window.step_time,
             "train/tflops_per_gpu": tflops_per_device,
-            "memory/peak_gb": peak_memory_gb(),
             "train/skipped_steps": self.guard.skipped,
+            **peak_memory_by_rank(self.device),
         }
         line = (
             f"iteration {self.iteration:6d}/{run.training.train_steps} | loss {metrics['loss']:.4f} | "
@@ -335,6 +336,9 @@ class Trainer:
             line += f" | MFU {values['train/mfu']:.1%}"
         self.log.scalars(self.iteration, values)
         self.log.print(line)
+        if not self._memory_shown:  # under the first line of this start: where the memory goes
+            self.log.print(describe_memory(values))
+            self._memory_shown = True
 
     def _log_validation(self) -> None:
         valid_loss = self.evaluate()

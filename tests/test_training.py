@@ -350,7 +350,7 @@ def test_training_on_real_text_lowers_the_loss_and_logs_every_metric(tmp_path, m
     valid = _scalars(tensorboard, "valid/loss")
     assert sorted(valid) == [30, 60] and valid[60] < valid[30]
     for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_gpu", "train/mfu",
-                "memory/peak_gb"):
+                "memory/peak_resident_gb_max", "memory/peak_resident_gb_min"):
         values = _scalars(tensorboard, tag)
         assert sorted(values) == list(range(1, 61)) and all(v > 0 for v in values.values()), tag
     sharing = _scalars(tensorboard, "epas/num_sharing_layers")
@@ -466,3 +466,26 @@ def test_resume_refuses_a_new_learning_rate_unless_told_to_override(tmp_path):
     )
     assert "optimizer.lr=0.001 (checkpoint: 0.002)" in message and "override_on_resume=true" in message
     assert (max_lr, decay_steps, betas, eps) == (1e-3, 5, (0.9, 0.99), 1e-6)
+
+
+def _memory_worker(rank):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_training import metrics
+
+    dist.init_process_group("gloo")
+    metrics._peak_memory_gb = lambda: {"allocated": [3.0, 7.0, 5.0][rank], "reserved": [8.0, 8.0, 9.0][rank]}
+    values = metrics.peak_memory_by_rank(torch.device("cpu"))
+    dist.destroy_process_group()
+    return values, metrics.describe_memory(values)
+
+
+def test_peak_memory_is_gathered_from_every_rank():
+    (values, line), *others = run_workers(_memory_worker, 3)
+    assert all(other == (values, line) for other in others)  # every rank gets the same figures
+    assert values == {"memory/peak_allocated_gb_max": 7.0, "memory/peak_allocated_gb_min": 3.0,
+                      "memory/peak_allocated_gb_max_rank": 1, "memory/peak_reserved_gb_max": 9.0,
+                      "memory/peak_reserved_gb_min": 8.0, "memory/peak_reserved_gb_max_rank": 2}
+    assert line == ("peak memory per rank: allocated 7.00 GiB on rank 1 (least: 3.00), "
+                    "reserved 9.00 GiB on rank 2 (least: 8.00)")
