@@ -7,6 +7,8 @@
   in transformers, with the same sharing set.
 - Supervised data: the loss covers exactly the response tokens (chat template and prompt/response).
 - Bad configs fail before start-up with a message naming the fix.
+- The ZeRO-2 run's W&B history (offline) equals its TensorBoard scalars, the sharing size included, and its W&B
+  config holds the resolved FinetuneConfig.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from epas.config import EPASConfig, FinetuneDataConfig
+from epas.config import EPASConfig, FinetuneConfig, FinetuneDataConfig, load_config, to_dict
 from epas.scheduler import SharingScheduler
 from tests.model_utils import relative_error
 from tests.multiprocess import run_workers
 from tests.test_hf_conversion import _convert_worker, _layout_logits, _tokens, _write_tokenizer
+from tests.wandb_offline import as_float32, read_offline_run, tensorboard_series
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
 
@@ -85,7 +88,7 @@ def _finetune(workspace, output: str, *overrides, processes: int = 2, check: boo
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                     "finetune_epas.py"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
     result = subprocess.run([*launcher, *_arguments(workspace, output, *overrides)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=TIMEOUT)
     output_text = result.stdout + result.stderr
@@ -107,9 +110,15 @@ def _expected_sharing_sizes() -> list[int]:
     return [len(scheduler.sharing_layers_at(step - 1)) for step in range(1, STEPS + 1)]
 
 
+def _zero2_overrides(workspace) -> list[str]:
+    """ZeRO-2 on indexed data, tracked by TensorBoard and by W&B (offline)."""
+    return ["training.deepspeed=configs/deepspeed/zero2.json", "logging.wandb_project=epas-test",
+            "logging.wandb_run_name=zero2", f"logging.wandb_dir={workspace / 'zero2'}"]
+
+
 @pytest.fixture(scope="module")
 def zero2_run(workspace):
-    _finetune(workspace, "zero2", "training.deepspeed=configs/deepspeed/zero2.json")
+    _finetune(workspace, "zero2", *_zero2_overrides(workspace))
     return _history(workspace, "zero2")
 
 
@@ -131,13 +140,25 @@ def test_two_processes_lower_the_loss_and_grow_the_region_on_schedule(request, r
     assert sizes[INTERVAL - 1 : INTERVAL + 1] == [0, 1] and sizes[-1] == 3
 
 
-def test_tensorboard_and_plots_show_the_run(workspace, zero2_run):
+def test_tensorboard_wandb_and_plots_show_the_run(workspace, zero2_run):
     from analysis.plot_runs import SHARING, plot_runs, read_scalars
 
     scalars = read_scalars(workspace / "zero2" / "tb")
     steps, sizes = scalars[SHARING]
     assert list(steps) == list(range(1, STEPS + 1)) and list(sizes) == _expected_sharing_sizes()
     assert [p.name for p in plot_runs([workspace / "zero2" / "tb"], workspace / "plots")] == ["loss.png"]
+
+    # W&B's history holds TensorBoard's scalars, the sharing size included (the Trainer's W&B callback keeps its
+    # end-of-training totals in the run summary instead); its config holds the resolved FinetuneConfig
+    wandb_run = read_offline_run(workspace / "zero2")
+    totals = {f"train/{key}" for key in ("train_runtime", "train_samples_per_second", "train_steps_per_second",
+                                           "train_loss", "total_flos")}
+    history = wandb_run.series(step_key="train/global_step")
+    assert as_float32(history) == tensorboard_series(workspace / "zero2" / "tb", exclude=totals)
+    assert [history["train/epas/num_sharing_layers"][step] for step in range(1, STEPS + 1)] == _expected_sharing_sizes()
+    arguments = _arguments(workspace, "zero2", *_zero2_overrides(workspace))
+    resolved = json.loads(json.dumps(to_dict(load_config(REPO / arguments[1], arguments[2:], FinetuneConfig))))
+    assert {key: wandb_run.config[key] for key in resolved} == resolved
 
 
 def test_resume_from_a_trainer_checkpoint_continues_the_schedule(workspace, zero2_run):
