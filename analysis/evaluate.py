@@ -81,12 +81,12 @@ def describe_layers(layers: list[int]) -> str:
 # ---- inputs, checked before the model loads --------------------------------------------------------
 
 
-def data_prefix(path: str) -> str:
+def data_prefix(path: str, option: str = "--valid-data") -> str:
     """The megatron dataset prefix of ``path``, given with or without its .bin/.idx suffix."""
     prefix = path.removesuffix(".bin").removesuffix(".idx")
     missing = [prefix + suffix for suffix in (".bin", ".idx") if not Path(prefix + suffix).is_file()]
     if missing:
-        raise InputError(f"--valid-data {path}: {' and '.join(missing)} not found; pass the prefix of "
+        raise InputError(f"{option} {path}: {' and '.join(missing)} not found; pass the prefix of "
                          "a dataset written by tools/preprocess_data.py (PREFIX.bin and PREFIX.idx)")
     return prefix
 
@@ -132,7 +132,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: str) -> EpasLlamaForCau
     return model.to(device).eval()
 
 
-def read_tokens(prefix: str, max_tokens: int | None, vocab_size: int) -> np.ndarray:
+def read_tokens(prefix: str, max_tokens: int | None, vocab_size: int, option: str = "--valid-data") -> np.ndarray:
     """The dataset's documents concatenated in file order (each ends with its EOD token), cut at
     ``max_tokens``."""
     with warnings.catch_warnings():  # megatron-core warns that GPU libraries are missing: no matter here
@@ -147,10 +147,16 @@ def read_tokens(prefix: str, max_tokens: int | None, vocab_size: int) -> np.ndar
         pieces.append(dataset[index])
         count += len(pieces[-1])
     tokens = np.concatenate(pieces)[:max_tokens] if pieces else np.zeros(0, dtype=np.int64)
+    return checked_tokens(tokens, f"{option} {prefix}", vocab_size)
+
+
+def checked_tokens(tokens: np.ndarray, source: str, vocab_size: int) -> np.ndarray:
+    """``tokens`` as int64, refused when there are too few for a perplexity or when they do not fit
+    the model's vocabulary; ``source`` names the data in the message."""
     if len(tokens) < 2:
-        raise InputError(f"--valid-data {prefix} holds {len(tokens)} token(s); perplexity needs at least 2")
+        raise InputError(f"{source} holds {len(tokens)} token(s); perplexity needs at least 2")
     if tokens.max() >= vocab_size:
-        raise InputError(f"--valid-data {prefix} holds token id {tokens.max()} but the model's vocabulary "
+        raise InputError(f"{source} holds token id {tokens.max()} but the model's vocabulary "
                               f"has {vocab_size} entries: the data was tokenized with another tokenizer")
     return tokens.astype(np.int64)
 
@@ -162,19 +168,26 @@ def token_windows(tokens: np.ndarray, seq_length: int) -> list[torch.Tensor]:
     return [torch.from_numpy(tokens[start:start + seq_length + 1]) for start in range(0, len(tokens) - 1, seq_length)]
 
 
+def batches(windows: list[torch.Tensor], batch_size: int):
+    """(inputs, labels) of ``batch_size`` windows at a time, right-padded to the longest: padding
+    labels are -100 (ignored), and causal attention keeps padding out of the real positions."""
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first:first + batch_size]
+        width = max(len(window) for window in batch) - 1
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, window in enumerate(batch):
+            inputs[row, :len(window) - 1] = window[:-1]
+            labels[row, :len(window) - 1] = window[1:]
+        yield inputs, labels
+
+
 @torch.inference_mode()
 def validation_loss(model, windows: list[torch.Tensor], batch_size: int) -> dict:
     """Mean next-token NLL over all windows (natural log) and its exp, the perplexity."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for first in range(0, len(windows), batch_size):
-        batch = windows[first:first + batch_size]
-        width = max(len(window) for window in batch) - 1
-        inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)  # right padding, ignored
-        for row, window in enumerate(batch):
-            inputs[row, :len(window) - 1] = window[:-1]
-            labels[row, :len(window) - 1] = window[1:]
+    for inputs, labels in batches(windows, batch_size):
         logits = model(inputs.to(device), use_cache=False).logits.float()
         labels = labels.to(device)
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
@@ -277,7 +290,7 @@ def evaluate(args, argv: list[str]) -> dict:
             "trained_sharing_layers": trained,
             "device": device,
             "dtype": str(dtype).removeprefix("torch."),
-            "versions": {name: _version(name) for name in ("lm-eval", "transformers", "torch", "megatron-core")},
+            "versions": {name: package_version(name) for name in ("lm-eval", "transformers", "torch", "megatron-core")},
             "python": platform.python_version(),
             "command": shlex.join(["python", "tools/evaluate.py", *argv]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -299,7 +312,7 @@ def evaluate(args, argv: list[str]) -> dict:
     }
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return version(package)
     except PackageNotFoundError:
