@@ -78,8 +78,14 @@ class ModelConfig:
     vocab_size: Count = 32000  # the tokenizer's size (at least)
     make_vocab_size_divisible_by: Count = 128  # embedding rows are padded for tensor parallelism
     seq_length: Count = 256  # tokens per training sample (and RoPE positions)
+    # the context the model is made for (Hugging Face's max_position_embeddings; null: seq_length); only the export
+    # reads it: a model continued at a shorter seq_length keeps the context it was released with
+    max_position_embeddings: Count | None = None
     norm_epsilon: Positive = 1e-5  # RMSNorm epsilon
     rotary_base: Positive = 10000.0  # RoPE theta
+    # Llama 3.1/3.2 RoPE scaling (rope_type "llama3", megatron-core's rope_scaling) by this factor (Llama 3.1: 8,
+    # 3.2: 32), with megatron-core's low/high frequency factors 1 and 4 and 8192 original positions; null: plain RoPE
+    rope_scaling_factor: Annotated[float, Bound(1)] | None = None
     tie_embeddings: bool = False  # output layer shares the embedding weights
     init_method_std: Positive = 0.02  # normal init of the weights
 

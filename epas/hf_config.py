@@ -10,6 +10,11 @@ from epas.errors import ConfigError, InputError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "EpasLlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
+# megatron-core's GPTModel takes only the llama3 scaling factor: RotaryEmbedding._apply_scaling keeps these at its
+# defaults, which are Llama 3.1's and 3.2's (a test checks they still are megatron-core's)
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """The recipe's model section for a Hugging Face LLaMA ``config.json``; refuses what differs."""
     architecture = (hf.get("architectures") or [None])[0]
@@ -20,20 +25,25 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             f"unsupported architecture {architecture or hf.get('model_type')}: the converter handles "
             f"the LLaMA family ({', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-    }
-    for key, (value, wanted) in unsupported.items():
-        if value != wanted and not (key == "rope_scaling" and _is_default_rope(value)):
-            raise ConfigError(f"config.json has {key}={value!r}; the megatron-core model supports only {wanted!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json has hidden_act={hf['hidden_act']!r}; the megatron-core model's MLP is "
+                          "SwiGLU (silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag, False):
+            raise ConfigError(
+                f"config.json has {flag}=true; the megatron-core model here has no bias terms (as LLaMA, Llama 3.x, "
+                "TinyLlama and SmolLM), so these biases would be lost"
+            )
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if head_dim * heads != hf["hidden_size"]:
         raise ConfigError(f"config.json has head_dim={head_dim} ≠ hidden_size / num_attention_heads")
     groups = hf.get("num_key_value_heads") or heads
+    rope = _rope_parameters(hf)
+    scaling = _llama3_factor(rope)
+    context = hf.get("max_position_embeddings", 2048)
+    # a long-context model trains at the context it had before RoPE scaling extended it
+    seq_length = min(context, MEGATRON_LLAMA3_ROPE["original_max_position_embeddings"]) if scaling else context
     return ModelConfig(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -41,24 +51,42 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         num_query_groups=None if groups == heads else groups,
         ffn_hidden_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
-        seq_length=hf.get("max_position_embeddings", 2048),
+        seq_length=seq_length,
+        max_position_embeddings=None if context == seq_length else context,
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        rotary_base=float(_rope_theta(hf)),
+        rotary_base=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling_factor=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_method_std=hf.get("initializer_range", 0.02),
     )
 
 
-def _is_default_rope(rope_scaling) -> bool:
-    """transformers 5 writes ``rope_parameters``/``rope_scaling`` with type "default" for plain RoPE."""
-    return isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
+def _rope_parameters(hf: dict) -> dict:
+    """RoPE settings as one dict: transformers 5 writes ``rope_parameters``, 4.x (and the Hub's Llama 3 folders)
+    ``rope_theta`` and ``rope_scaling``."""
+    parameters = {"rope_theta": hf.get("rope_theta", 10000.0),
+                  "partial_rotary_factor": hf.get("partial_rotary_factor", 1.0),
+                  **(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    parameters["rope_type"] = parameters.get("rope_type", parameters.get("type", "default"))
+    return parameters
 
 
-def _rope_theta(hf: dict) -> float:
-    parameters = hf.get("rope_parameters") or {}
-    if parameters.get("rope_type", "default") != "default":
-        raise ConfigError(f"config.json has rope_parameters={parameters}; only plain RoPE is supported")
-    return parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
+def _llama3_factor(rope: dict) -> float | None:
+    """The llama3 scaling factor of ``rope`` (None for plain RoPE); refuses what megatron-core cannot build."""
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"config.json has partial_rotary_factor={rope['partial_rotary_factor']}; the megatron-core "
+                          "model rotates whole heads")
+    if rope["rope_type"] == "default":
+        return None
+    if rope["rope_type"] != "llama3":
+        raise ConfigError(f"config.json has RoPE scaling of type {rope['rope_type']!r}; the converter supports plain "
+                          "RoPE and llama3 scaling (Llama 3.1 and 3.2)")
+    fixed = ", ".join(f"{key}={value}" for key, value in MEGATRON_LLAMA3_ROPE.items())
+    for key, value in MEGATRON_LLAMA3_ROPE.items():
+        if rope.get(key) != value:
+            raise ConfigError(f"config.json's llama3 RoPE scaling has {key}={rope.get(key)!r}; megatron-core's "
+                              f"GPTModel applies llama3 scaling only with {fixed} (Llama 3.1's and 3.2's)")
+    return float(rope["factor"])
 
 
 def hf_config_from_model(model: ModelConfig, sharing_layers, sharing_mode: str, trained_sharing_layers) -> dict:
@@ -71,9 +99,11 @@ def hf_config_from_model(model: ModelConfig, sharing_layers, sharing_mode: str, 
         num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.query_groups,
         head_dim=model.head_dim,
-        max_position_embeddings=model.seq_length,
+        max_position_embeddings=model.max_position_embeddings or model.seq_length,
         rms_norm_eps=model.norm_epsilon,
         rope_theta=model.rotary_base,
+        rope_scaling=None if model.rope_scaling_factor is None else {
+            "rope_type": "llama3", "factor": model.rope_scaling_factor, **MEGATRON_LLAMA3_ROPE},
         tie_word_embeddings=model.tie_embeddings,
         initializer_range=model.init_method_std,
         hidden_act="silu",

@@ -141,6 +141,7 @@ def build_model(
 ) -> EPASGPTModel:
     """Build this rank's EPAS model chunk (call after :func:`megatron_training.distributed.initialize`)."""
     config = config or transformer_config(run)
+    scaling = run.model.rope_scaling_factor  # megatron-core's llama3 RoPE scaling (Llama 3.1/3.2)
     return EPASGPTModel(
         config=config,
         transformer_layer_spec=epas_block_spec(config, run.epas.mode, run.spec, vp_stage),
@@ -151,6 +152,8 @@ def build_model(
         share_embeddings_and_output_weights=run.model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=run.model.rotary_base,
+        rope_scaling=scaling is not None,
+        **({"rope_scaling_factor": scaling} if scaling is not None else {}),
         vp_stage=vp_stage,
     )
 

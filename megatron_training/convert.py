@@ -1,8 +1,9 @@
 """Convert checkpoints between Hugging Face LLaMA folders and this recipe's torch_dist checkpoints.
 
-    python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output CKPT_DIR [--overwrite]
+    python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output CKPT_DIR [--overwrite] \\
+        [--dtype bfloat16]
     python tools/convert_checkpoint.py megatron-to-hf --input CKPT_DIR --output HF_DIR [--overwrite] \\
-        [--iteration N] [--sharing-layers 8,9,10] [--dtype bfloat16] [--tokenizer DIR]
+        [--iteration N] [--sharing-layers 8,9,10] [--dtype bfloat16] [--tokenizer DIR] [--max-shard-size 5GB]
 
 hf-to-megatron writes ``CKPT_DIR/iter_0000000`` (weights only, loadable at any TP/PP layout)
 and the tokenizer into ``CKPT_DIR/tokenizer``; train from it with ``checkpoint.load=CKPT_DIR
@@ -10,6 +11,11 @@ checkpoint.load_optimizer=false``. megatron-to-hf writes a folder that loads wit
 ``AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)``; its ``sharing_layers``
 are the region the checkpoint had reached (override with --sharing-layers, any subset of it), and
 its bos/eos/pad token ids are the tokenizer's. Both run on CPU as a single process.
+
+Both keep the weights in the checkpoint's own dtype unless --dtype says otherwise, and stream the
+Hugging Face side: its tensors are read one at a time (safetensors memory-mapped) and written one
+shard at a time, so the Megatron model, held once, is the bulk of the memory used. A progress bar
+counts the tensors and bytes written, and a summary line ends the conversion.
 
 Either direction writes everything into ``OUTPUT.tmp-<pid>`` beside OUTPUT and renames it to OUTPUT
 as its last step, so a killed conversion leaves no OUTPUT that loads as complete; the next one removes
@@ -32,16 +38,19 @@ from pathlib import Path
 
 import torch
 import yaml
+from megatron.core import dist_checkpointing
 
 from epas import cli
-from epas.config import ParallelConfig, RunConfig, from_dict, to_dict
+from epas.config import ModelConfig, ParallelConfig, RunConfig, from_dict, to_dict
 from epas.data.tokenizer import load_tokenizer
 from epas.errors import ConfigError, InputError
 from epas.hf_config import hf_config_from_model, model_config_from_hf
 from epas.scheduler import SharingScheduler
 from megatron_patches.model import build_model
 from megatron_training import checkpointing, distributed
-from megatron_training.hf_weights import hf_to_megatron, megatron_to_hf, read_hf_state_dict
+from megatron_training.conversion_progress import Progress
+from megatron_training.hf_files import HfWeights, shard_plan, write_shards
+from megatron_training.hf_weights import hf_to_megatron, megatron_to_hf, weight_pairs
 
 TOKENIZER_DIR = "tokenizer"
 # Beside OUTPUT: OUTPUT.tmp-<pid> is a conversion being written, OUTPUT.old-<pid> the OUTPUT that an
@@ -72,26 +81,29 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
-def hf_to_megatron_checkpoint(source: Path, output: Path, overwrite: bool = False) -> Path:
+def hf_to_megatron_checkpoint(source: Path, output: Path, overwrite: bool = False, dtype: str | None = None) -> Path:
     config_file = source / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{config_file} not found: --input must be a Hugging Face model folder")
     model = model_config_from_hf(json.loads(config_file.read_text()))
     tokenizer = _load_tokenizer(source, model.vocab_size) if _has_tokenizer(source) else None
+    hf = HfWeights(source)
+    weights = hf_to_megatron(hf, model)  # names checked here; tensors read as the loop below asks for them
     with _staged_output(output, overwrite, reads=[source]) as staging:
-        weights = hf_to_megatron(read_hf_state_dict(source), model)
         run = _single_process(RunConfig(model=model))
-        megatron_model = build_model(run)
-        state = megatron_model.state_dict()
-        missing = [name for name in state if name not in weights and not name.endswith("_extra_state")]
+        megatron_model = _empty_model(run, cli.DTYPES[dtype] if dtype else hf["model.embed_tokens.weight"].dtype)
+        state = {name: tensor for name, tensor in megatron_model.state_dict().items() if tensor is not None}
+        missing = sorted(set(state) - {pair.megatron for pair in weight_pairs(model)})
         if missing:
             raise ConfigError(f"no Hugging Face weights for {missing[:5]}")
-        with torch.no_grad():
-            for name, tensor in weights.items():
+        with torch.no_grad(), Progress("hf-to-megatron", state.values()) as progress:
+            for name, tensor in weights:
                 if state[name].shape != tensor.shape:
                     raise ConfigError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(state[name].shape)}")
                 state[name].copy_(tensor)
-        saved = checkpointing.save(staging, 0, [megatron_model], None, {"weights_only": True}, run)
+                progress.update(state[name])
+            progress.phase(f"writing {output.name}/iter_0000000 (torch_dist)")
+            saved = checkpointing.save(staging, 0, [megatron_model], None, {"weights_only": True}, run)
         distributed.shutdown()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
@@ -99,6 +111,14 @@ def hf_to_megatron_checkpoint(source: Path, output: Path, overwrite: bool = Fals
     print(f"wrote {path}" + (f" and {output / TOKENIZER_DIR}" if tokenizer is not None else ""))
     print("model section for your preset:\n" + yaml.safe_dump({"model": to_dict(model)}, sort_keys=False))
     return path
+
+
+def _empty_model(run: RunConfig, dtype: torch.dtype):
+    """The model with its weights in ``dtype``, uninitialised: built on the meta device (no memory, no random
+    init), then given storage that fills only as weights are copied or loaded into it."""
+    with torch.device("meta"):
+        model = build_model(run)
+    return model.to(dtype).to_empty(device="cpu")
 
 
 def _checkpoint_path(source: Path, iteration: int | None) -> Path:
@@ -112,9 +132,9 @@ def _checkpoint_path(source: Path, iteration: int | None) -> Path:
 
 def megatron_to_hf_checkpoint(
     source: Path, output: Path, iteration: int | None, sharing_layers: list[int] | None,
-    dtype: str | None, tokenizer_dir: Path | None, overwrite: bool = False,
+    dtype: str | None, tokenizer_dir: Path | None, overwrite: bool = False, max_shard_size: str = "5GB",
 ) -> Path:
-    from epas_hf import EpasLlamaConfig, EpasLlamaForCausalLM, write_model_files
+    from epas_hf import EpasLlamaConfig, write_model_files
 
     path = _checkpoint_path(source, iteration)
     common = checkpointing.common_state(path)  # checked first: complete, and no code in its pickles
@@ -130,12 +150,10 @@ def megatron_to_hf_checkpoint(
             scheduler = SharingScheduler(run.model.num_layers, run.epas)
             scheduler.load_state_dict(common["epas_scheduler"])
             trained = scheduler.current
-        trained_dtype = torch.bfloat16 if run.device == "cuda" else torch.float32
         run = _single_process(run)
-        megatron_model = build_model(run)
+        stored = dist_checkpointing.load_tensors_metadata(str(path))["embedding.word_embeddings.weight"].dtype
+        megatron_model = _empty_model(run, stored)
         checkpointing.load(path, [megatron_model], None, run, common)
-        weights = megatron_to_hf(megatron_model.state_dict(), run.model)
-        del megatron_model
         distributed.shutdown()
 
         config = EpasLlamaConfig(
@@ -144,20 +162,37 @@ def megatron_to_hf_checkpoint(
             **{name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_IDS},  # generation_config.json too
         )
         config.auto_map = write_model_files(staging)
-        with torch.device("meta"):
-            hf_model = EpasLlamaForCausalLM(config)
-        result = hf_model.load_state_dict(weights, assign=True, strict=False)
-        expected_missing = ["lm_head.weight"] if config.tie_word_embeddings else []
-        if result.unexpected_keys or sorted(result.missing_keys) != expected_missing:
-            raise ConfigError(f"weights do not match the LLaMA layout: {result}")
-        hf_model.tie_weights()
-        hf_model.to(cli.DTYPES[dtype] if dtype else trained_dtype)
-        hf_model.save_pretrained(str(staging), max_shard_size="5GB")
+        _write_weights_and_config(staging, megatron_model, run.model, config, cli.DTYPES[dtype] if dtype else stored,
+                                  max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
     print(f"wrote {output} from {path}: sharing_layers={list(config.sharing_layers)} "
           f"(trained region {list(trained)}), mode {config.sharing_mode}")
     return output
+
+
+def _write_weights_and_config(folder: Path, megatron_model, model: ModelConfig, config, dtype: torch.dtype,
+                              max_shard_size: str) -> None:
+    """The export's weights (sharded safetensors under ``LlamaForCausalLM``'s names, checked against the model
+    ``config`` builds), config.json and generation_config.json, as ``save_pretrained`` writes them."""
+    from epas_hf import EpasLlamaForCausalLM
+
+    state = {name: tensor for name, tensor in megatron_model.state_dict().items() if tensor is not None}
+    shapes = dict(megatron_to_hf({name: torch.empty_like(tensor, device="meta", dtype=dtype)
+                                  for name, tensor in state.items()}, model))
+    with torch.device("meta"):
+        hf_model = EpasLlamaForCausalLM(config)
+    expected = {name: tuple(t.shape) for name, t in hf_model.state_dict().items()
+                if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    if {name: tuple(t.shape) for name, t in shapes.items()} != expected:
+        raise ConfigError(f"weights do not match the LLaMA layout: {sorted(set(shapes) ^ set(expected))[:5]}")
+    tensors = ((name, tensor.to(dtype, copy=True)) for name, tensor in megatron_to_hf(state, model))
+    with Progress("megatron-to-hf", shapes.values()) as progress:
+        write_shards(folder, progress.track(tensors), shard_plan(shapes, max_shard_size))
+    config.architectures = [type(hf_model).__name__]
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(str(folder))
+    hf_model.generation_config.save_pretrained(str(folder))
 
 
 @contextmanager
@@ -260,6 +295,14 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+def _shard_size(text: str) -> str:
+    try:
+        shard_plan({}, text)  # huggingface_hub's own reading of the size
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 OVERWRITE_HELP = "replace a non-empty --output (removed only once the new folder is complete)"
 
 
@@ -270,13 +313,17 @@ def main(argv=None) -> int:
     to_megatron.add_argument("--input", type=Path, required=True, help="Hugging Face model folder")
     to_megatron.add_argument("--output", type=Path, required=True, help="new checkpoint root")
     to_megatron.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    to_megatron.add_argument("--dtype", choices=sorted(cli.DTYPES), help="weights dtype (default: the checkpoint's)")
     to_hf = commands.add_parser("megatron-to-hf", help="torch_dist checkpoint (any layout) → Hugging Face folder")
     to_hf.add_argument("--input", type=Path, required=True, help="checkpoint root (with 'latest') or iter_N folder")
     to_hf.add_argument("--output", type=Path, required=True, help="new Hugging Face folder")
     to_hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     to_hf.add_argument("--iteration", type=int, help="export iter_N of the checkpoint root (default: latest)")
     to_hf.add_argument("--sharing-layers", type=_layer_list, help="0-based layers in sharing mode (default: the trained region)")
-    to_hf.add_argument("--dtype", choices=sorted(cli.DTYPES), help="weights dtype (default: bfloat16 for GPU runs, float32 for CPU)")
+    to_hf.add_argument("--dtype", choices=sorted(cli.DTYPES), help="weights dtype (default: the checkpoint's: "
+                       "bfloat16 for GPU runs, float32 for CPU)")
+    to_hf.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="largest safetensors file, as save_pretrained's "
+                       "max_shard_size (default: %(default)s); a conversion holds one such shard in memory")
     to_hf.add_argument("--tokenizer", type=Path, help="tokenizer folder to copy, whose bos/eos/pad ids the export "
                        "takes (default: CKPT_DIR/tokenizer, else the run's data.tokenizer)")
     args = parser.parse_args(argv)
@@ -286,11 +333,11 @@ def main(argv=None) -> int:
 def _convert(args) -> None:
     try:
         if args.command == "hf-to-megatron":
-            hf_to_megatron_checkpoint(args.input, args.output, args.overwrite)
+            hf_to_megatron_checkpoint(args.input, args.output, args.overwrite, args.dtype)
         else:
             megatron_to_hf_checkpoint(
                 args.input, args.output, args.iteration, args.sharing_layers, args.dtype, args.tokenizer,
-                args.overwrite,
+                args.overwrite, args.max_shard_size,
             )
     except (ValueError, OSError) as error:  # a sharing set the model refuses, a folder that cannot be written
         if isinstance(error, ConfigError):

@@ -28,6 +28,11 @@ from megatron_training import convert as convert_checkpoint
 # multi-process or end-to-end tests are marked slow: make test-quick leaves them out
 
 VOCAB, SEQ = 200, 12  # 200 is padded to 256 rows inside megatron-core
+# Llama 3.1/3.2's RoPE on the tiny models: theta 500000, llama3 scaling by 3.2's factor from 8192 positions
+LLAMA3_ROPE = {"rope_theta": 500000.0, "max_position_embeddings": 16384, "rope_scaling": {
+    "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}}
+LLAMA3_RUN = ["model.rotary_base=500000.0", "model.rope_scaling_factor=32", "model.max_position_embeddings=16384"]
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml")
 
 
@@ -45,21 +50,22 @@ def _write_tokenizer(folder: Path, size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>").save_pretrained(str(folder))
 
 
-def _hf_llama(folder: Path, groups: int, tied: bool, tokenizer_size: int = VOCAB):
+def _hf_llama(folder: Path, groups: int, tied: bool, tokenizer_size: int = VOCAB, dtype=torch.float32):
+    """A tiny Llama-3.2-shaped model (GQA, llama3 RoPE, tied or untied), saved as several safetensors shards."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=groups, max_position_embeddings=64,
-        rms_norm_eps=1e-5, tie_word_embeddings=tied, initializer_range=0.2,
+        num_attention_heads=4, num_key_value_heads=groups, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        initializer_range=0.2, **LLAMA3_ROPE,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1 so a swapped norm weight shows
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
-    model.save_pretrained(str(folder))
+    model.to(dtype).save_pretrained(str(folder), max_shard_size="150KB")
     _write_tokenizer(folder, tokenizer_size)
     return model
 
@@ -114,9 +120,16 @@ def _layout_logits(checkpoint, tp=1, pp=1, sharing=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("groups, tied", [(4, False), (2, True)], ids=["mha-untied", "gqa-tied"])
+@pytest.mark.parametrize("groups, tied", [(2, False), (2, True)], ids=["gqa-untied", "gqa-tied"])
 def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path, groups, tied):
+    """Llama 3.2 in miniature, from sharded safetensors: the converted model at TP=1 and TP=2×PP=2, and its
+    export (sharded again), give transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_training.hf_files import HfWeights
+
     hf_model = _hf_llama(tmp_path / "hf", groups, tied)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     with torch.no_grad():
         expected = hf_model(_tokens()).logits
     assert run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"),
@@ -124,6 +137,17 @@ def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path, groups,
     assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
     assert relative_error(_layout_logits(tmp_path / "ckpt"), expected) < 1e-5
     assert relative_error(_layout_logits(tmp_path / "ckpt", tp=2, pp=2), expected) < 1e-5
+
+    assert run_workers(_convert_worker, 1, ["megatron-to-hf", "--input", str(tmp_path / "ckpt"), "--output",
+                                            str(tmp_path / "export"), "--max-shard-size", "200KB"]) == [0]
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 16384 and config["dtype"] == "float32"
+    exported, original = HfWeights(tmp_path / "export"), HfWeights(tmp_path / "hf")
+    assert len(set(exported.files.values())) > 1 and exported.keys() == original.keys()
+    assert all(torch.equal(exported[name], original[name]) for name in original)
+    export_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert relative_error(export_model(_tokens()).logits, expected) < 1e-5
 
 
 @pytest.mark.slow
@@ -137,13 +161,15 @@ def test_megatron_to_hf_with_sharing_from_tp2_pp2_training(tmp_path, mode):
         f"data.tokenizer={tmp_path / 'tok'}", f"model.vocab_size={VOCAB}", f"model.seq_length={SEQ}",
         "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", f"epas.mode={mode}",
         "epas.interval=1", "training.train_steps=3", "optimizer.warmup_steps=1",
-        "training.eval_interval=0", f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "training.eval_interval=0", f"checkpoint.dir={tmp_path / 'ckpt'}", *LLAMA3_RUN,
     ])
     run_workers(train_worker, 4, run)  # after 3 steps layers 3, 4, 5 share: 3|4 is a stage boundary
     assert run_workers(_convert_worker, 1, ["megatron-to-hf", "--input", str(tmp_path / "ckpt"),
                                             "--output", str(tmp_path / "hf"), "--dtype", "float32"]) == [0]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["sharing_layers"] == [3, 4, 5] and config["sharing_mode"] == mode
+    rope = config.get("rope_parameters") or config["rope_scaling"]  # transformers 5 / 4
+    assert (rope["rope_type"], rope["factor"]) == ("llama3", 32.0) and config["max_position_embeddings"] == 16384
     assert "auto_map" in config and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert (config["bos_token_id"], config["eos_token_id"]) == (None, VOCAB - 1)  # the tokenizer's: no <s>
 
@@ -184,9 +210,13 @@ def test_conversion_errors(tmp_path):
     _write_tokenizer(source, VOCAB + 50)
     assert f"has {VOCAB + 50} tokens but the model's vocabulary has {VOCAB} rows" in _error(convert)
 
-    (source / "model.safetensors").unlink()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (source / name).unlink(missing_ok=True)
+    *_, last = sorted(source.glob("model-*.safetensors"))
+    last.unlink()  # an interrupted download
+    assert f"model.safetensors.index.json lists {last.name}, not in {source}" in _error(convert)
+    for path in source.glob("model*.safetensors*"):
+        path.unlink()
     assert "no weights in" in _error(convert)
 
 
@@ -227,11 +257,13 @@ def _continue_worker(rank, run):
 
 @pytest.mark.slow
 def test_training_continues_from_a_converted_checkpoint(tmp_path):
-    _hf_llama(tmp_path / "hf", 2, False)
+    _hf_llama(tmp_path / "hf", 2, False, dtype=torch.bfloat16)
     run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
+    stored = dist_checkpointing.load_tensors_metadata(str(tmp_path / "ckpt" / "iter_0000000"))
+    assert {tensor.dtype for tensor in stored.values()} == {torch.bfloat16}  # the Hugging Face model's dtype
     shape = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
              "model.ffn_hidden_size=96", f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=128",
-             "model.norm_epsilon=1.0e-5", "epas.num_sharing_layers=2", "model.seq_length=16"]
+             "model.norm_epsilon=1.0e-5", "epas.num_sharing_layers=2", "model.seq_length=16", *LLAMA3_RUN]
     common = ["data.mock=true", "data.micro_batch_size=2", "data.global_batch_size=2", "training.train_steps=2",
               "optimizer.warmup_steps=1", "training.eval_interval=0", f"checkpoint.load={tmp_path / 'ckpt'}"]
     refused = load_config(TINY, shape + common + [f"checkpoint.dir={tmp_path / 'a'}"])
@@ -273,7 +305,7 @@ def _export_with_and_without_tokenizer_worker(rank, checkpoint, with_tokenizer, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         status += convert_checkpoint.main(["megatron-to-hf", "--input", str(Path(checkpoint) / "iter_0000000"),
-                                           "--output", without_tokenizer])
+                                           "--output", without_tokenizer, "--dtype", "bfloat16"])
     return status, [str(warning.message) for warning in caught if "no tokenizer" in str(warning.message)]
 
 
@@ -317,6 +349,9 @@ def test_export_takes_bos_eos_pad_from_the_tokenizer(tmp_path, demo_checkpoint):
     # no tokenizer to export: the ids are unset rather than LLaMA's defaults, and the export says so
     assert len(warned) == 1 and "bos/eos/pad token ids are left unset" in warned[0]
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    bare = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bare"), trust_remote_code=True, dtype="auto")
+    assert {p.dtype for p in bare.parameters()} == {torch.bfloat16}  # as --dtype asked (the checkpoint's: float32)
+    assert all(torch.equal(p, q.bfloat16()) for p, q in zip(bare.parameters(), model.parameters(), strict=True))
     for name in ("config.json", "generation_config.json"):
         written = json.loads((tmp_path / "bare" / name).read_text())
         assert all(written.get(key) is None for key in ids), name
