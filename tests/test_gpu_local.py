@@ -8,7 +8,9 @@ training run) as a dry run of their logic on a machine without a GPU.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -181,7 +183,7 @@ def _pretrain(tmp: Path, name: str, *overrides: str) -> None:
 
 
 def test_pretrain_resumes_with_the_same_losses_across_a_region_change(tmp_path):
-    _pretrain(tmp_path, "straight")
+    _pretrain(tmp_path, "straight", "profiling.start_step=8", "profiling.num_steps=2", "profiling.memory_snapshot=true")
     _pretrain(tmp_path, "halves", "training.exit_interval=10")
     assert checkpointing.latest_iteration(tmp_path / "halves" / "ckpt") == 10
     _pretrain(tmp_path, "halves")
@@ -193,3 +195,15 @@ def test_pretrain_resumes_with_the_same_losses_across_a_region_change(tmp_path):
     sharing = _scalars(tmp_path / "halves" / "tb", "epas/num_sharing_layers")
     assert [sharing[s] for s in (5, 6, 10, 11, 16, 20)] == [0, 1, 1, 2, 3, 3]  # grows after 5, 10, 15
     assert expected[20] < expected[1]
+
+    # the profiled iterations 8 and 9 (one sharing layer, four micro-batches each): EPAS ranges, the GPU kernels
+    # they launch, and every allocation of the window
+    profile = tmp_path / "straight" / "tb" / "profile"
+    trace = json.loads((profile / "rank0.8.pt.trace.json").read_text())["traceEvents"]
+    work = ("epas/publish_shared", "epas/take_shared", "epas/project_v_only", "epas/context_from_shared_probabilities")
+    ranges = [event["name"] for event in trace if event.get("cat") == "user_annotation"]  # CPU side
+    assert {name: ranges.count(name) for name in work} == {name: 8 for name in work}
+    if DEVICE == "cuda":
+        assert any(event.get("cat") == "kernel" for event in trace)
+        snapshot = pickle.loads((profile / "rank0.8.memory_snapshot.pickle").read_bytes())
+        assert snapshot["segments"] and any(snapshot["device_traces"])
