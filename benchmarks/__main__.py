@@ -2,10 +2,12 @@
 
     python -m benchmarks train --config configs/cpu_bench.yaml --sharing 0,0.25,0.5 --mode qk,kv
     python -m benchmarks generate --random-init configs/tinyllama_1.1b.yaml --batch 1,32 --prompt 512,2048
+    python -m benchmarks convert --config configs/llama3.2_1b_cpt.yaml --work /tmp/convert
 
 ``train`` times a training step beside stock megatron-core (:mod:`benchmarks.train`); ``generate`` times
 decoding of the transformers EPAS model beside ``LlamaForCausalLM`` and needs no megatron-core
-(:mod:`benchmarks.generate`). ``COMMAND --help`` lists a command's options.
+(:mod:`benchmarks.generate`); ``convert`` measures checkpoint conversion's time and peak memory at a preset's
+size (:mod:`benchmarks.conversion`). ``COMMAND --help`` lists a command's options.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"train": "benchmarks.train", "generate": "benchmarks.generate"}
+COMMANDS = {"train": "benchmarks.train", "generate": "benchmarks.generate", "convert": "benchmarks.conversion"}
 
 
 def main(argv=None, prog: str = "python -m benchmarks") -> int:

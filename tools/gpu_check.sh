@@ -8,6 +8,7 @@
 #   tools/gpu_check.sh OUTPUT_DIR
 #   PYTHON=.venv/bin/python TRAIN_LIMIT=600 tools/gpu_check.sh out/h100
 #   PARTS=generate GENERATE_LIMIT=400 tools/gpu_check.sh OUTPUT_DIR   # only the decoding checks
+#   PARTS=convert tools/gpu_check.sh OUTPUT_DIR   # checkpoint conversion at 8B size (tools/gpu_check_convert.sh)
 set -uo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -53,7 +54,12 @@ part() {  # NAME LIMIT_SECONDS: run tools/gpu_check_NAME.sh under its limit, its
     ((rc == 0)) || status=1
 }
 for name in ${PARTS:-train generate}; do
-    if [[ $name == train ]]; then part train "${TRAIN_LIMIT:-380}"; else part generate "${GENERATE_LIMIT:-205}"; fi
+    case $name in
+        train) part train "${TRAIN_LIMIT:-380}" ;;
+        generate) part generate "${GENERATE_LIMIT:-205}" ;;
+        convert) part convert "${CONVERT_LIMIT:-420}" ;;  # not by default: 8B-sized conversion, CPUs and disk
+        *) echo "unknown part $name (train, generate, convert)" >&2 && status=1 ;;
+    esac
 done
 
 tar -czf "$out.tgz" -C "$out" . && mv "$out.tgz" "$out/results.tgz"
