@@ -30,14 +30,13 @@ class HfWeights(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, folder: Path):
-        self.folder = folder
         self.files = _weight_files(folder)  # tensor name -> file
         self._current: tuple[Path, object] | None = None  # the open file and its handle
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self.files[name]
         if self._current is None or self._current[0] != path:
-            self._current = None  # a .bin's tensors are freed with its dict
+            self._current = None  # let the previous file go first: a .bin's dict holds all its tensors
             self._current = (path, _open(path))
         handle = self._current[1]
         return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
