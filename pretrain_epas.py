@@ -31,11 +31,12 @@ def main(argv=None) -> int:
 
 def _pretrain(args) -> None:
     run = load_for_entry_point(args.config, args.overrides, validate_run)
-    distributed.initialize(run)
-    try:
-        pretrain(run)
-    finally:
-        distributed.shutdown()
+    with distributed.collectives_explained(run):
+        distributed.initialize(run)
+        try:
+            pretrain(run)
+        finally:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

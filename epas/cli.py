@@ -17,21 +17,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def run(main: Callable[[], object]) -> int:
     """Call an entry point's body and return its exit status: the body's own when it returns an int,
     else 0. An :class:`EpasError` becomes one line on stderr (on rank 0 only, so torchrun shows it
-    once) and its exit status, instead of a traceback. Ctrl-C where nothing handles it (start-up, or
-    a second Ctrl-C) is one line and status 130, as a shell reports it."""
+    once; on each rank that sees it if only some do) and its exit status, instead of a traceback.
+    Ctrl-C where nothing handles it (start-up, or a second Ctrl-C) is one line and status 130, as a
+    shell reports it."""
     try:
         status = main()
         return status if isinstance(status, int) else 0
     except EpasError as error:
-        _print_once(f"{error.label}: {error}")
+        _print_once(f"{error.label}: {error}", error.every_rank)
         return error.exit_code
     except KeyboardInterrupt:
         _print_once("interrupted")
         return 130
 
 
-def _print_once(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
+def _print_once(message: str, every_rank: bool = False) -> None:
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
 
 

@@ -12,6 +12,7 @@ class EpasError(Exception):
 
     label = "error"
     exit_code = 1
+    every_rank = False  # True: a problem some ranks see alone (reported by each, not by rank 0 only)
 
 
 class ConfigError(EpasError, ValueError):

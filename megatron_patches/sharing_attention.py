@@ -186,6 +186,7 @@ class EPASSelfAttention(SelfAttention):
         ``ColumnParallelLinear`` so communication and gradients match the fused layer.
         """
         linear = self.linear_qkv
+        _run_forward_pre_hooks(linear, hidden_states)  # its weights are read without calling it
         groups = self.num_query_groups_per_partition
         per_group = self.num_attention_heads_per_partition // groups
         head_dim = self.hidden_size_per_attention_head
@@ -210,6 +211,14 @@ class EPASSelfAttention(SelfAttention):
                 tp_group=self.pg_collection.tp,
             )
         return output.view(*output.shape[:2], -1, head_dim)
+
+
+def _run_forward_pre_hooks(module: torch.nn.Module, *args) -> None:
+    """Run ``module``'s forward pre-hooks as calling it would. With ``parallel.overlap_param_gather``
+    megatron-core's DDP waits there for the all-gather of the module's updated weights; reading them
+    without it would use a half-updated weight (or, on a GPU, one still being written)."""
+    for hook in module._forward_pre_hooks.values():
+        hook(module, args)
 
 
 def _fused_input_norm(linear, hidden_states: Tensor) -> Tensor:

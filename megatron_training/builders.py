@@ -26,10 +26,15 @@ def training_transformer_config(run: RunConfig) -> TransformerConfig:
 
 def build_chunks(run: RunConfig, config: TransformerConfig) -> list[DistributedDataParallel]:
     """This rank's model chunks (one per virtual pipeline stage), in training precision, inside DDP."""
-    vp = run.parallel.virtual_pipeline
+    parallel = run.parallel
+    vp = parallel.virtual_pipeline
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=run.optimizer.use_distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        # the interleaved schedule starts each chunk's gather itself (param_sync_func in overlap.py), as Megatron-LM
+        align_param_gather=parallel.overlap_param_gather and vp is not None,
     )
     chunks = []
     for index in range(vp or 1):

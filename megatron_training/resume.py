@@ -6,6 +6,8 @@ A resume continues the same run, so settings fall into four groups, checked key 
   checkpoint's scheduler state belongs to);
 - the optimizer's schedule and Adam hyper-parameters: megatron-core restores them from the
   checkpoint, so a changed value is refused unless ``optimizer.override_on_resume=true`` says to use it;
+- with the distributed optimizer, ``parallel.overlap_grad_reduce`` (refused): it decides the gradient
+  buckets, and the optimizer's states are saved bucket by bucket;
 - the data (blend, tokenizer, batch size, seed): allowed, with a warning, since the run continues
   at the same sample count over different samples;
 - everything else (steps, intervals, logging, layout, micro-batch size, recompute, clipping):
@@ -63,6 +65,13 @@ def check_resume(common: dict, run: RunConfig, path: Path) -> list[str]:
             f"resuming {path} with another {', '.join(refused)}: a resumed run keeps the model and the "
             "EPAS schedule it was trained with. Drop these overrides, or start a new run from its weights "
             f"with checkpoint.load={path} checkpoint.load_optimizer=false and a new checkpoint.dir"
+        )
+    bucketing = _changes(saved, current, ["parallel.overlap_grad_reduce"])
+    if bucketing and run.optimizer.use_distributed_optimizer:
+        raise ConfigError(
+            f"resuming {path} with another {bucketing[0]}: the distributed optimizer's states are saved per "
+            "gradient bucket, and overlap_grad_reduce decides the buckets (about 40M parameters each with it, "
+            "one bucket without). Keep the checkpoint's value for this run"
         )
     schedule = _changes(saved, current, OPTIMIZER_SCHEDULE)
     if schedule and not run.optimizer.override_on_resume:

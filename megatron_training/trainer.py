@@ -23,7 +23,7 @@ from epas.config import RunConfig, to_dict
 from epas.flops import attention_counting, training_flops_per_token
 from epas.scheduler import SharingScheduler
 from megatron_patches.fusions import describe, fusions_of
-from megatron_training import checkpointing, retention
+from megatron_training import checkpointing, overlap, retention
 from megatron_training.builders import build_chunks, build_lr_scheduler, build_optimizer, training_transformer_config
 from megatron_training.cadence import Intervals, StopConditions, ThroughputWindow
 from megatron_training.data import build_datasets, micro_batches
@@ -62,8 +62,7 @@ class Trainer:
         self.optimizer = build_optimizer(run, self.config, self.chunks)
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
-        no_sync = [chunk.no_sync for chunk in self.chunks]
-        self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        overlap.set_schedule_hooks(self.config, self.chunks)
         self.lr_scheduler = build_lr_scheduler(run, self.optimizer)
         self.sharing = SharingScheduler(run.model.num_layers, run.epas)
         self.guard = FiniteStepGuard(run.training, self.device)
@@ -119,6 +118,7 @@ class Trainer:
                 self.log.print(f"{reason}: saving at iteration {self.iteration} and exiting")
                 break
         profiler.close()
+        overlap.finish_param_gather(self.chunks)  # the last step's weights, complete for the caller
         self.save()
 
     # ---- one iteration --------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class Trainer:
     def evaluate(self) -> float:
         for chunk in self.chunks:
             chunk.eval()
-        with torch.no_grad():
+        with torch.no_grad(), overlap.gather_hooks_paused(self.chunks):
             iterators = self._iterators(self.valid_data, 0)
             losses = [
                 self._run_microbatches(iterators, forward_only=True)
@@ -261,6 +261,7 @@ class Trainer:
         """
         if not self.run.checkpoint.dir or self.iteration == self._last_saved:
             return
+        overlap.finish_param_gather(self.chunks)
         self.guard.check_weights(self.models, self.iteration)
         self.background_saves.finish(wait=True)
         checkpointing.save(

@@ -111,3 +111,18 @@ def train_worker(rank, run):
     distributed.initialize(run)
     Trainer(run).train()
     distributed.shutdown()
+
+
+def train_runs_worker(rank, runs):
+    """One rank of several pretraining runs of one parallel layout, one after the other in the same processes
+    (one start-up for all); each starts from its seed, as in a fresh process."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_training import distributed
+    from megatron_training.trainer import Trainer
+
+    distributed.initialize(runs[0])
+    for run in runs:
+        model_parallel_cuda_manual_seed(run.seed)
+        Trainer(run).train()
+    distributed.shutdown()

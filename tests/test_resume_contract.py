@@ -41,6 +41,17 @@ def test_optimizer_schedule_changes_need_the_override(override):
     assert check_resume(_saved(), load_config(TINY, [override, "optimizer.override_on_resume=true"]), CKPT) == []
 
 
+def test_the_gradient_buckets_of_a_distributed_optimizer_checkpoint_are_kept():
+    """Its states are saved per bucket; a plain optimizer's are not, so there the overlap may change."""
+    zero1 = "optimizer.use_distributed_optimizer=true"
+    saved = _saved(zero1)
+    with pytest.raises(ConfigError, match=r"parallel.overlap_grad_reduce=True \(checkpoint: False\).*per gradient"):
+        check_resume(saved, load_config(TINY, [zero1, "parallel.overlap_grad_reduce=true"]), CKPT)
+    overlapped = [zero1, "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+    assert check_resume(_saved(*overlapped[:2]), load_config(TINY, overlapped), CKPT) == []
+    assert check_resume(_saved(), load_config(TINY, ["parallel.overlap_grad_reduce=true"]), CKPT) == []
+
+
 def test_data_changes_warn_and_free_settings_pass_silently():
     run = load_config(TINY, ["data.global_batch_size=32", "seed=7", "training.log_interval=3",
                              "parallel.tensor_parallel=2", "optimizer.clip_grad=0.5"])

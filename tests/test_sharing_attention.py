@@ -1,7 +1,7 @@
 """megatron-core model paths that `make mutation` found untested: what a sharing layer refuses (inference contexts in
 either keyword form, packed sequences), its row projection with a bias, the epsilon of the norm it applies for TE,
-an attention mask given to the model, the sharing set it reports, an fp32 model left unwrapped for training, and
-the names of the EPAS work in profiler traces."""
+an attention mask given to the model, the sharing set it reports, an fp32 model left unwrapped for training, the
+names of the EPAS work in profiler traces, and the forward pre-hooks of the weights a sharing layer reads."""
 
 from __future__ import annotations
 
@@ -118,3 +118,18 @@ def test_the_epas_work_is_named_in_profiler_traces(mode, work):
         lm_loss(model, tokens, tokens).backward()
     ranges = Counter(event.name for event in profiler.events() if event.name.startswith("epas/"))
     assert ranges == {"epas/publish_shared": 1, "epas/take_shared": 2, **work}
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_a_sharing_layer_runs_the_pre_hooks_of_the_weights_it_reads(mode):
+    """megatron-core's DDP waits in linear_qkv's forward pre-hook for the all-gather of its updated weights
+    (parallel.overlap_param_gather); a sharing layer reads them without calling linear_qkv, so it runs them."""
+    model = build_model(tiny_run(mode, num_layers=2))
+    model.set_sharing_layers([1])
+    linear_qkv = model.decoder.layers[1].self_attention.linear_qkv
+    called = []
+    linear_qkv.register_forward_pre_hook(lambda module, args: called.append(module))
+    tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lm_loss(model, tokens, tokens)
+    assert called == [linear_qkv]

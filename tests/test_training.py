@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,7 @@ from epas.trackers import CONFIG_TAG
 from megatron_training.step_guard import NonFiniteStepError, weights_finite
 from megatron_training.trainer import Trainer
 from megatron_training.validation import validate_run
-from tests.multiprocess import run_workers, train_worker
+from tests.multiprocess import free_port, run_workers, train_runs_worker, train_worker
 from tests.wandb_offline import as_float32, read_offline_run, tensorboard_series, tensorboard_texts
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-quick leaves them out
@@ -106,19 +107,57 @@ def _resume_from_a_copy(source: Path, run) -> Path:
     return root
 
 
-def test_resume_is_exact_with_tp2_across_a_region_change(tmp_path):
-    steps = ["training.train_steps=8", "parallel.tensor_parallel=2"]
-    straight = _run(tmp_path, "straight", *steps, "checkpoint.save_interval=4")
-    run_workers(train_worker, 2, straight)
-    resumed = _run(tmp_path, "resumed", *steps)
-    _resume_from_a_copy(Path(straight.checkpoint.dir) / "iter_0000004", resumed)
-    run_workers(train_worker, 2, resumed)
+def _one_bucket_per_parameter_worker(rank, runs):
+    """:func:`train_runs_worker` with megatron-core's DDP putting every parameter in a bucket of its own: each
+    weight is gathered (parallel.overlap_param_gather) when the first module using it runs, so a weight read
+    before its gather finished would be stale."""
+    from functools import partial
 
-    expected = _scalars(Path(straight.logging.tensorboard_dir), "train/loss")
-    assert sorted(expected) == list(range(1, 9))
-    assert _scalars(Path(resumed.logging.tensorboard_dir), "train/loss") == {s: expected[s] for s in range(5, 9)}
-    sharing = _scalars(Path(resumed.logging.tensorboard_dir), "epas/num_sharing_layers")
-    assert sharing[5] == 1 and sharing[7] == 2  # steps 4-6 train with one sharing layer, 7-8 with two
+    from megatron_training import builders
+
+    builders.DistributedDataParallelConfig = partial(builders.DistributedDataParallelConfig, bucket_size=1)
+    train_runs_worker(rank, runs)
+
+
+def test_resume_and_overlapped_communication_are_exact_at_tp2_dp2_across_a_region_change(tmp_path):
+    """TP=2 x DP=2 while the region grows (steps 3-4 share one layer, 5-6 two): a run resumed from another's
+    checkpoint at step 3 continues it bit for bit, and overlapped communication trains as without it. The run
+    with parallel.overlap_grad_reduce is continued without it; the distributed optimizer's run that also has
+    parallel.overlap_param_gather is continued without the gather overlap (a resume keeps the gradient buckets)
+    and equals the first run to rounding. It saves at step 3 (its weights must be gathered first), evaluates at
+    step 4 and gathers step 5's update by its forward pre-hooks at step 6 (they must be back after the
+    evaluation), in the sharing layers too."""
+    layout = ["training.train_steps=6", "parallel.tensor_parallel=2", "epas.interval=2",
+              "training.eval_interval=4", "training.eval_steps=1"]
+    zero1 = ["optimizer.use_distributed_optimizer=true"]
+    overlap = ["parallel.overlap_grad_reduce=true"]
+    pairs = {
+        "grad_reduce": (_run(tmp_path, "grad_reduce", *layout, *overlap, "checkpoint.save_interval=3"), []),
+        "zero1": (_run(tmp_path, "zero1", *layout, *zero1, *overlap, "parallel.overlap_param_gather=true",
+                       "checkpoint.save_interval=3"), [*zero1, *overlap]),  # the same buckets (see resume.py)
+    }
+    runs = []
+    for name, (straight, continuation) in pairs.items():
+        load = f"checkpoint.load={Path(straight.checkpoint.dir) / 'iter_0000003'}"
+        runs += [straight, _run(tmp_path, f"{name}_resumed", *layout, *continuation, load)]
+    for straight in runs[::2]:
+        validate_run(straight, 4)
+    run_workers(_one_bucket_per_parameter_worker, 4, runs)
+
+    def logged(run, tag):
+        return _scalars(Path(run.logging.tensorboard_dir), tag)
+
+    for straight, resumed in zip(runs[::2], runs[1::2]):
+        for tag in ("train/loss", "train/grad_norm"):
+            expected = logged(straight, tag)
+            assert sorted(expected) == list(range(1, 7))
+            assert logged(resumed, tag) == {s: expected[s] for s in range(4, 7)}, (resumed.checkpoint.dir, tag)
+        assert logged(resumed, "valid/loss") == logged(straight, "valid/loss")
+    sharing = logged(runs[1], "epas/num_sharing_layers")
+    assert sharing[4] == 1 and sharing[5] == 2
+    # ZeRO-1 sums the gradients in another order: equal to the plain optimizer's run to rounding
+    plain, zero = logged(runs[0], "train/loss"), logged(runs[2], "train/loss")
+    assert zero == pytest.approx(plain, rel=1e-5)
 
 
 def test_resume_is_exact_with_the_distributed_optimizer_and_background_saves(tmp_path):
@@ -209,14 +248,57 @@ def test_a_save_killed_anywhere_resumes_from_a_complete_checkpoint(tmp_path, poi
     assert set(losses) == set(range(1, 5))
 
 
-def _pretrain_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+def _pretrain_process(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
     """pretrain_epas.py on the tiny preset and mock data, in a session of its own (to find its children)."""
     args = ["data.mock=true", f"data.cache_dir={tmp_path / 'cache'}", "training.log_interval=1",
             "training.eval_interval=0", *overrides]
     return subprocess.Popen(
         [sys.executable, str(ROOT / "pretrain_epas.py"), "--config", TINY, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True,
+        env=env,
     )
+
+
+def test_a_rank_that_stops_answering_fails_the_run_within_the_timeout_naming_the_collective(tmp_path):
+    """Rank 0 of two stops (SIGSTOP: a hung process or a lost node, as the others see it) once training runs:
+    rank 1 gives up within distributed.timeout_minutes (6 s) with one line that names the collective, and
+    exits 1 instead of hanging."""
+    port, ranks = free_port(), []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        ranks.append(_pretrain_process(tmp_path, "training.train_steps=1000", "distributed.timeout_minutes=0.1",
+                                       env=env))
+    stopped, waiting = ranks  # rank 1, the last, prints the log lines
+    watchdog = threading.Timer(120, waiting.kill)  # a hang fails the test instead of holding it
+    watchdog.start()
+    try:
+        started = []
+        for line in waiting.stdout:
+            started.append(line)
+            if line.startswith("iteration      2/"):
+                break
+        assert started[-1].startswith("iteration      2/"), "".join(started)
+        stopped.send_signal(signal.SIGSTOP)
+        since, lines = time.monotonic(), []
+        for line in waiting.stdout:
+            lines.append(line)
+            if line.startswith("error: "):
+                took = time.monotonic() - since
+        output = "".join(lines)
+        assert waiting.wait(timeout=60) == 1, output
+        messages = [line for line in lines if line.startswith("error: ")]
+        assert len(messages) == 1, output
+        assert re.match(r"error: a collective \((\w+, called|awaited) in \S+:\d+ \w+\) timed out after 0.1 minutes on "
+                        r"rank 1: another rank stopped answering .*; see that rank's log. distributed.timeout_minutes",
+                        messages[0])
+        assert "Traceback" not in output
+        assert took < 6 + 10, took
+    finally:
+        watchdog.cancel()
+        for process in ranks:
+            process.kill()  # the stopped one too
+            process.wait()
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
