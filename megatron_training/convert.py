@@ -26,6 +26,7 @@ once the new folder is in place.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -87,11 +88,12 @@ def hf_to_megatron_checkpoint(source: Path, output: Path, overwrite: bool = Fals
         raise ConfigError(f"{config_file} not found: --input must be a Hugging Face model folder")
     model = model_config_from_hf(json.loads(config_file.read_text()))
     tokenizer = _load_tokenizer(source, model.vocab_size) if _has_tokenizer(source) else None
-    hf = HfWeights(source)
-    weights = hf_to_megatron(hf, model)  # names checked here; tensors read as the loop below asks for them
+    weights = hf_to_megatron(HfWeights(source), model)  # names checked here; tensors read as the loop asks
+    first = next(weights)  # the embedding: its rows are checked and its dtype known before any other work
+    weights = itertools.chain([first], weights)
     with _staged_output(output, overwrite, reads=[source]) as staging:
         run = _single_process(RunConfig(model=model))
-        megatron_model = _empty_model(run, cli.DTYPES[dtype] if dtype else hf["model.embed_tokens.weight"].dtype)
+        megatron_model = _empty_model(run, cli.DTYPES[dtype] if dtype else first[1].dtype)
         state = {name: tensor for name, tensor in megatron_model.state_dict().items() if tensor is not None}
         missing = sorted(set(state) - {pair.megatron for pair in weight_pairs(model)})
         if missing:

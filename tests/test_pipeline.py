@@ -132,10 +132,9 @@ def _single_stage(mode, sharing_sets):
 
 LAYOUTS = {
     "pp2": (dict(pp=2), 2),
-    "pp4": (dict(pp=4), 4),
     "tp2_pp2": (dict(tp=2, pp=2), 4),
     "pp2_vp2": (dict(pp=2, vp=2), 2),
-    "pp4_uneven": (dict(pp=4, first=1, last=3), 4),  # stages start at layers 1, 3, 5
+    "pp4_uneven": (dict(pp=4, first=1, last=3), 4),  # four stages, starting at layers 1, 3, 5
 }
 
 
