@@ -11,7 +11,7 @@ OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
 # against LlamaForCausalLM, the conversion commands' checks, the generate benchmark. The multi-process conversion
 # runs (marked slow) exercise megatron-core, the same in both environments: `make test` runs them.
 HF_TESTS := tests/test_hf_model.py tests/test_hf_cache.py tests/test_hf_forward_paths.py \
-	tests/test_hf_weights_mutants.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
+	tests/test_hf_weights.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
 .PHONY: setup demo demo-finetune test test-quick test-oldest test-gpu test-slurm bench-cpu lock mutation
 
