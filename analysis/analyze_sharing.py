@@ -241,9 +241,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("tokens", "seq_length", "batch_size", "max_blocks"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    cli.refuse_below_one(parser, args, ("tokens", "seq_length", "batch_size", "max_blocks"))
     if args.max_increase < 0:
         parser.error("--max-increase is a percentage, 0 or more")
     return cli.run(lambda: _run_and_write(args, argv))

@@ -432,9 +432,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.tasks and not args.valid_data:
         parser.error("nothing to evaluate: give --tasks, --valid-data or both")
-    for name in ("batch_size", "seq_length", "valid_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    cli.refuse_below_one(parser, args, ("batch_size", "seq_length", "valid_tokens"))
     return cli.run(lambda: _evaluate_and_write(args, argv))
 
 

@@ -41,6 +41,13 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
 
 
+def refuse_below_one(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Counts given on the command line (``--batch-size`` as ``batch_size``) must be 1 or more; unset ones pass."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
     """Where and in what precision to run a Hugging Face model: as asked, else cuda with bfloat16 where
     there is a GPU and the CPU with float32 where there is none."""
