@@ -11,6 +11,7 @@ import traceback
 from queue import Empty
 
 import psutil
+import torch
 import torch.multiprocessing as mp
 
 
@@ -24,8 +25,11 @@ def _entry(fn, rank, world_size, port, queue, args):
     os.setpgrp()  # a group of its own: whatever it starts (checkpoint writers) can be reaped with it
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
+    # one thread per worker, as torchrun sets it: workers outnumber the cores, and OpenMP threads spinning in
+    # one rank starve the rank it waits for (a 4-process layout takes about twice as long with torch's default)
+    torch.set_num_threads(1)
     try:
         # plain pickle copies tensors into the message: torch's shared-memory handles would
         # die with this process before the parent reads them

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from megatron.core import parallel_state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_training import checkpointing, distributed
@@ -177,25 +178,46 @@ def test_resume_is_exact_with_the_distributed_optimizer_and_background_saves(tmp
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]  # 3 deleted
 
 
-def _load_loss_worker(rank, run, path):
-    distributed.initialize(run)
-    trainer = Trainer(run)
-    checkpointing.load(Path(path), trainer.models, None, run)
-    loss = trainer._run_microbatches(trainer._iterators(trainer.train_data, 0), forward_only=True)
+def _load_losses_worker(rank, runs, path):
+    """Load checkpoint ``path`` at each run's layout in turn, in one process group: the loss of one forward pass
+    before the load (the fresh weights) and after it, at each."""
+    losses = []
+    for run in runs:
+        distributed.initialize(run)  # the process group stays: only megatron-core's parallel groups change
+        trainer = Trainer(run)
+
+        def loss():
+            return trainer._run_microbatches(trainer._iterators(trainer.train_data, 0), forward_only=True).item()
+
+        untrained = loss()
+        checkpointing.load(Path(path), trainer.models, None, run)
+        losses.append((untrained, loss()))
+        parallel_state.destroy_model_parallel()
     distributed.shutdown()
-    return loss.item()
+    return losses
+
+
+def _train_then_load_worker(rank, saved, runs):
+    """Train ``saved``, then load its last checkpoint at ``runs``' layouts in the same processes (one start-up)."""
+    distributed.initialize(saved)
+    Trainer(saved).train()
+    parallel_state.destroy_model_parallel()
+    return _load_losses_worker(rank, runs, checkpointing.resolve(Path(saved.checkpoint.dir)))
 
 
 def test_checkpoint_loads_at_another_layout(tmp_path):
+    """A TP=2 checkpoint loads at TP=2, at PP=2 (the two processes that trained it, regrouped) and at TP=1 (one
+    process), and gives the same loss at each, not the fresh weights' loss."""
     saved = _run(tmp_path, "tp2", "training.train_steps=3", "parallel.tensor_parallel=2")
-    run_workers(train_worker, 2, saved)
-    path = str(checkpointing.resolve(Path(saved.checkpoint.dir)))
     fresh = [f"checkpoint.dir={tmp_path / 'none'}"]
-    tp2 = run_workers(_load_loss_worker, 2, _run(tmp_path, "a", "parallel.tensor_parallel=2", *fresh), path)
-    tp1 = run_workers(_load_loss_worker, 1, _run(tmp_path, "b", *fresh), path)
-    pp2 = run_workers(_load_loss_worker, 2, _run(tmp_path, "c", "parallel.pipeline_parallel=2", *fresh), path)
-    assert tp2[0] == pytest.approx(tp1[0], rel=1e-6)
-    assert pp2[0] == pytest.approx(tp1[0], rel=1e-6)
+    two = [_run(tmp_path, "a", "parallel.tensor_parallel=2", *fresh),
+           _run(tmp_path, "c", "parallel.pipeline_parallel=2", *fresh)]
+    tp2, pp2 = run_workers(_train_then_load_worker, 2, saved, two)[0]
+    path = str(checkpointing.resolve(Path(saved.checkpoint.dir)))
+    [tp1] = run_workers(_load_losses_worker, 1, [_run(tmp_path, "b", *fresh)], path)[0]
+    assert tp1[1] != pytest.approx(tp1[0], rel=1e-6), "the trained weights give the untrained loss: nothing loaded"
+    assert tp2[1] == pytest.approx(tp1[1], rel=1e-6), "TP=2 load"
+    assert pp2[1] == pytest.approx(tp1[1], rel=1e-6), "PP=2 load"
 
 
 def _killed_during_save_worker(rank, run, point):
