@@ -61,9 +61,20 @@ def _global_name(chunk, name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
 
 
-def _pipeline_worker(rank, layout, cases):
+def _pipeline_worker(rank, layouts, cases):
+    """Every case at each of ``layouts`` (name -> layout, one world size) in turn, in one process group: the
+    results by layout name."""
+    results = {}
+    for name, layout in layouts.items():
+        distributed.initialize(_layout_run("qk", **layout))  # the process group stays, the parallel groups change
+        results[name] = _layout_results(layout, cases)
+        parallel_state.destroy_model_parallel()
+    distributed.shutdown()
+    return results
+
+
+def _layout_results(layout, cases):
     run = _layout_run("qk", **layout)
-    distributed.initialize(run)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = run.parallel.tensor_parallel
     vp = run.parallel.virtual_pipeline
@@ -106,7 +117,6 @@ def _pipeline_worker(rank, layout, cases):
                     errors[full] = relative_error(param.grad, tp_shard(full, expected_grads[full], tp_rank, tp))
             worst = max(errors, key=errors.get)
             results.append((mode, sharing, loss, worst, errors[worst]))
-    distributed.shutdown()
     return results
 
 
@@ -130,7 +140,7 @@ def _single_stage(mode, sharing_sets):
     return (mode, state, iterations), losses
 
 
-LAYOUTS = {
+LAYOUTS = {  # name -> (layout, processes)
     "pp2": (dict(pp=2), 2),
     "tp2_pp2": (dict(tp=2, pp=2), 4),
     "pp2_vp2": (dict(pp=2, vp=2), 2),
@@ -138,18 +148,33 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.usefixtures("megatron_cpu")
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_pipeline_layout_equals_single_stage(layout):
-    kwargs, world = LAYOUTS[layout]
+@pytest.fixture(scope="module")
+def layout_results(megatron_cpu):
+    """The single-stage cases and their losses, and a function giving one layout's per-rank results. The layouts
+    of one world size run in one group of processes (one start-up), the first time one of them is asked for."""
     cases, expected_losses = [], {}
     for mode in ("qk", "kv"):
         for sets in ([SPANNING], GROWING):
             case, losses = _single_stage(mode, sets)
             cases.append(case)
             expected_losses.update({(mode, s): loss for s, loss in zip(sets, losses)})
+    by_layout = {}
 
-    check_rank_results(run_workers(_pipeline_worker, world, kwargs, cases), expected_losses, layout)
+    def results(layout):
+        world = LAYOUTS[layout][1]
+        if layout not in by_layout:
+            group = {name: kwargs for name, (kwargs, size) in LAYOUTS.items() if size == world}
+            by_rank = run_workers(_pipeline_worker, world, group, cases)
+            by_layout.update({name: [ranks[name] for ranks in by_rank] for name in group})
+        return by_layout[layout]
+
+    return results, expected_losses
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pipeline_layout_equals_single_stage(layout, layout_results):
+    results, expected_losses = layout_results
+    check_rank_results(results(layout), expected_losses, layout)
 
 
 def test_chunk_boundaries_and_packing_round_trip():
