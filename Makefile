@@ -13,7 +13,7 @@ OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
 HF_TESTS := tests/test_hf_model.py tests/test_hf_cache.py tests/test_hf_forward_paths.py \
 	tests/test_hf_weights.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
-.PHONY: setup demo demo-finetune test test-quick test-oldest test-gpu test-slurm bench-cpu lock mutation
+.PHONY: setup demo demo-finetune reproduce test test-quick test-oldest test-gpu test-slurm bench-cpu lock mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo-finetune:
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 finetune_epas.py \
 		--config configs/finetune/tiny_cpu.yaml training.deepspeed=configs/deepspeed/zero2.json
 	$(BIN)/python tools/plot_runs.py runs/finetune_tiny_cpu --output runs/finetune_tiny_cpu/plots
+
+# The paper's Tables 4 and 6 at small scale (docs/RESULTS.md): 15 CPU training runs, their exports and evaluations,
+# about 25 minutes on 2 cores. Run it again after an interruption: it resumes.
+reproduce:
+	$(BIN)/python tools/reproduce.py --output results/reproduction --publish docs
 
 test:
 	$(BIN)/python -m pytest -q

@@ -120,11 +120,12 @@ def task_manager(tasks: list[str], include_paths: list[Path]):
 # ---- the model -------------------------------------------------------------------------------------
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: str) -> EpasLlamaForCausalLM:
+def load_model(folder: Path, dtype: torch.dtype, device: str, sharing_mode: str | None = None) -> EpasLlamaForCausalLM:
     """The exported weights in this repository's EPAS model (the export's model files are a copy of
-    it), with sharing off to start."""
+    it), with sharing off to start; its sharing layers run in ``sharing_mode`` (None: the folder's)."""
+    mode = {"sharing_mode": sharing_mode} if sharing_mode else {}
     try:
-        model = EpasLlamaForCausalLM.from_pretrained(folder, sharing_layers=[], dtype=dtype)
+        model = EpasLlamaForCausalLM.from_pretrained(folder, sharing_layers=[], dtype=dtype, **mode)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise InputError(f"cannot load the model in {folder} ({first_line}); pass a folder written by "
@@ -242,6 +243,11 @@ def evaluate(args, argv: list[str]) -> dict:
     so a typo fails in seconds rather than after loading the model."""
     config = read_model_config(args.model)
     num_layers, trained = config["num_hidden_layers"], config.get("trained_sharing_layers")
+    trained_mode = config.get("sharing_mode", "qk")
+    mode = args.sharing_mode or trained_mode
+    if mode != trained_mode and trained and not args.allow_untrained:
+        raise InputError(f"--sharing-mode {mode}: this model was trained to share in {trained_mode} mode, so "
+                         f"{mode} sharing is inference-time sharing; pass --allow-untrained as well")
     sets = sharing_sets(num_layers, trained, args.sharing_lengths, args.allow_untrained)
     prefix = data_prefix(args.valid_data) if args.valid_data else None
     seq_length = args.seq_length or config["max_position_embeddings"]
@@ -256,9 +262,9 @@ def evaluate(args, argv: list[str]) -> dict:
     tokens = read_tokens(prefix, args.valid_tokens, config["vocab_size"]) if prefix else None
     windows = token_windows(tokens, seq_length) if prefix else []
     device, dtype = cli.device_and_dtype(args.device, args.dtype)
-    print(f"loading {args.model} ({num_layers} layers, {config.get('sharing_mode', 'qk')} sharing, "
-          f"trained region {trained}) on {device}", flush=True)
-    model = load_model(args.model, dtype, device)
+    print(f"loading {args.model} ({num_layers} layers, {mode} sharing, trained region {trained} in {trained_mode} "
+          f"mode) on {device}", flush=True)
+    model = load_model(args.model, dtype, device, mode)
     lm = None
     if args.tasks:
         from lm_eval.models.huggingface import HFLM
@@ -286,7 +292,8 @@ def evaluate(args, argv: list[str]) -> dict:
             "model": str(args.model),
             "tokenizer": str(tokenizer_dir),
             "num_layers": num_layers,
-            "sharing_mode": config.get("sharing_mode", "qk"),
+            "sharing_mode": mode,
+            "trained_sharing_mode": trained_mode,
             "trained_sharing_layers": trained,
             "device": device,
             "dtype": str(dtype).removeprefix("torch."),
@@ -342,12 +349,14 @@ def table_rows(result: dict) -> list[dict]:
 
 def markdown_table(result: dict) -> str:
     meta, runs = result["metadata"], result["runs"]
+    trained_mode = meta["trained_sharing_mode"]
+    trained_mode = "" if trained_mode == meta["sharing_mode"] else f" in {trained_mode} mode"
     header = [f"{run['sharing_length']}/{meta['num_layers']} ({describe_layers(run['sharing_layers'])})"
               for run in runs]
     lines = [
         f"Model `{meta['model']}`: {meta['num_layers']} layers, {meta['sharing_mode']} sharing, trained region "
-        f"{meta['trained_sharing_layers']}. Columns: sharing length/layers (the layers sharing). Accuracies "
-        "(higher-is-better metrics) in %; the Average is over them.",
+        f"{meta['trained_sharing_layers']}{trained_mode}. Columns: sharing length/layers (the layers sharing). "
+        "Accuracies (higher-is-better metrics) in %; the Average is over them.",
         "",
         "| task (metric) | " + " | ".join(header) + " |",
         "|---|" + "---:|" * len(runs),
@@ -408,6 +417,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="layer counts from the deep end of the trained region, e.g. 0,3,5")
     parser.add_argument("--allow-untrained", action="store_true",
                         help="count lengths over layers 1..N-1 instead of the trained region")
+    parser.add_argument("--sharing-mode", choices=("qk", "kv"),
+                        help="run the sharing layers in this mode (default: the model's); another mode than the "
+                             "trained one needs --allow-untrained")
     parser.add_argument("--tasks", type=_names, default=[], help="lm-eval task or group names, e.g. piqa,arc_easy")
     parser.add_argument("--include-path", type=Path, action="append", default=[],
                         help="a folder of local task YAMLs (repeatable)")

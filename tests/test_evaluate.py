@@ -241,7 +241,7 @@ def test_the_average_takes_only_higher_is_better_tasks(tmp_path):
                        "arc_easy": task("acc_norm", arc, True)}}
             for length, layers, ppl, piqa, arc, average in [(0, [], 20.0, 0.7, 0.5, 0.6),
                                                             (2, [6, 7], 25.0, 0.6, 0.4, 0.5)]]
-    result = {"metadata": {"model": "m", "num_layers": 8, "sharing_mode": "qk",
+    result = {"metadata": {"model": "m", "num_layers": 8, "sharing_mode": "qk", "trained_sharing_mode": "qk",
                            "trained_sharing_layers": [5, 6, 7]},
               "settings": {"tasks": ["wikitext", "piqa", "arc_easy"]}, "runs": runs}
     assert table_cells(markdown_table(result)) == [
@@ -272,6 +272,32 @@ def test_sharing_lengths_count_from_the_deep_end_of_the_trained_region():
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_another_sharing_mode_is_inference_time_sharing(setup, tmp_path, capsys):
+    """The qk-trained model run with kv sharing: refused without --allow-untrained, then equal to a direct
+    computation in kv mode and different from qk (so a mode that was not applied would show)."""
+    output = tmp_path / "out"
+    arguments = [str(setup.folder), "--sharing-lengths", "0,2", "--sharing-mode", "kv", "--valid-data",
+                 str(setup.valid), "--seq-length", "8", "--output", str(output)]
+    assert main(arguments) == 2
+    assert "trained to share in qk mode, so kv sharing is inference-time sharing" in capsys.readouterr().err
+    assert main([*arguments, "--allow-untrained"]) == 0
+    result = json.loads((output / "results.json").read_text())
+    assert (result["metadata"]["sharing_mode"], result["metadata"]["trained_sharing_mode"]) == ("kv", "qk")
+    assert result["runs"][1]["sharing_layers"] == [2, 3]
+    perplexity = {}
+    try:
+        for mode in ("kv", "qk"):
+            setup.model.config.sharing_mode = mode
+            setup.model.set_sharing_layers([2, 3])
+            perplexity[mode] = direct_perplexity(setup.model, setup.tokenizer, 8)
+    finally:
+        setup.model.config.sharing_mode = "qk"
+        setup.model.set_sharing_layers([])
+    assert result["runs"][1]["validation"]["perplexity"] == pytest.approx(perplexity["kv"], rel=1e-5)
+    assert abs(perplexity["kv"] - perplexity["qk"]) > 1e-3 * perplexity["qk"]
+    assert "kv sharing, trained region [1, 2, 3] in qk mode" in (output / "table.md").read_text()
 
 
 def _not_epas_folder(setup, tmp_path) -> str:

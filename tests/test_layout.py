@@ -77,6 +77,7 @@ def _loaded_after(statement: str) -> set[str]:
 
 def test_the_core_loads_neither_megatron_nor_transformers():
     loaded = _loaded_after("import epas.cli, epas.config, epas.data.demo_corpus, epas.data.indexed, "
+                           "epas.data.reproduction_corpus, "
                            "epas.data.preprocess, epas.data.tokenizer, epas.flops, epas.hf_config, epas.scheduler")
     assert "epas" in loaded
     assert not {"megatron", "transformers"} & loaded
