@@ -20,6 +20,7 @@ same fraction of each run). See docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -79,7 +80,8 @@ def reproduce(args, argv: list[str]) -> None:
     Runner(jobs, settings.output, parallel, max(1, cores // parallel)).run()
 
     command = shlex.join(["python", "tools/reproduce.py", *argv])
-    written = report.write(settings, corpus, command, time.monotonic() - started)
+    calls = record_call(settings.output, time.monotonic() - started)
+    written = report.write(settings, corpus, command, calls)
     if args.publish:
         publish(written, args.publish)
     print(f"finished in {format_duration(time.monotonic() - started)}: {written[0]}", flush=True)
@@ -95,6 +97,18 @@ def check_budget(settings: plan.Settings, corpus: dict) -> None:
         if tokens > available:
             raise InputError(f"the {stage} runs would read {tokens:,} tokens but the {split} split has "
                              f"{available:,.0f} to train on: they would repeat data; lower the steps")
+
+
+def record_call(output: Path, seconds: float) -> list[float]:
+    """The wall time of every call that worked on this folder, this one appended: a resumed reproduction reports
+    the time all its calls took together."""
+    path = output / "state" / "calls.json"
+    calls = json.loads(path.read_text()) if path.exists() else []
+    calls.append(round(seconds, 1))
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(calls) + "\n")
+    os.replace(temporary, path)
+    return calls
 
 
 def publish(written: list[Path], folder: Path) -> None:

@@ -132,6 +132,7 @@ def test_table4_shows_mean_std_and_paired_differences():
     assert "EPAS kv pretraining:** held-out loss -0.100" in statements and "no cost at this scale" in statements
     assert "all 3 seeds agree in sign" in statements
     assert "That holds, in every seed" in statements  # cpt: EPAS rises by 0.04, the plain model by 0.8
+    assert "is +0.000 in held-out loss without sharing and +0.040 sharing its 4 layers: no cost" in statements
 
 
 @pytest.mark.parametrize("epas_slopes, expected", [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from analysis.reproduction.results import mean_curve, mean_std, select
+from analysis.reproduction.results import increases, mean_curve, mean_std, select
 
 PRETRAIN_LINES = (("none", "no sharing", "C0"), ("qk", "EPAS qk", "C1"), ("kv", "EPAS kv", "C2"))
 CPT_LINES = (("epas", "continued with EPAS (qk)", "C1"), ("none", "continued without sharing", "C0"))
@@ -42,8 +42,9 @@ def loss_curves(collected: list[dict], path: Path) -> None:
 
 
 def sharing_lengths(collected: list[dict], target: int, num_layers: int, path: Path) -> None:
-    """Held-out loss against the sharing length (mean ± std over seeds): EPAS models against the same models
-    trained without EPAS and switched to sharing only at evaluation."""
+    """How much each model's held-out loss rises when its deepest layers share (per seed against the same model
+    sharing nothing, mean ± std over seeds): EPAS models against the same models trained without EPAS and switched
+    to sharing only at evaluation. The rise is paired, so the seeds' different starting losses do not hide it."""
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     lengths = list(range(target + 1))
     panels = (
@@ -55,13 +56,13 @@ def sharing_lengths(collected: list[dict], target: int, num_layers: int, path: P
     )
     for axes, (stage, lines, title) in zip(figure.subplots(1, 2), panels, strict=True):
         for variant, mode, label, colour, style in lines:
-            group = select(collected, stage, variant)
-            stats = [mean_std([run["held_out_loss"][mode][length] for run in group]) for length in lengths]
+            stats = [mean_std(increases(select(collected, stage, variant), mode, length)) for length in lengths]
             errors = [0.0 if math.isnan(std) else std for _, std in stats]
-            axes.errorbar(lengths, [mean for mean, _ in stats], yerr=errors,
-                          color=colour, linestyle=style, marker="o", capsize=3, label=label)
+            axes.errorbar(lengths, [mean for mean, _ in stats], yerr=errors, color=colour, linestyle=style,
+                          marker="o", capsize=3, label=label)
+        axes.axhline(0, color="grey", linewidth=0.8)
         axes.set(title=title, xlabel=f"sharing length (deepest layers of {num_layers} sharing)",
-                 ylabel="held-out loss", xticks=lengths)
+                 ylabel="rise in held-out loss over sharing nothing", xticks=lengths)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     figure.savefig(path, dpi=110)

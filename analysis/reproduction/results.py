@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from analysis.plot_runs import LOSS, SHARING, VALID, read_scalars, sharing_changes
-from analysis.reproduction.plan import Layout, Run, Settings, runs
+from analysis.reproduction.plan import Layout, Settings, runs
 
 
 def collect(settings: Settings) -> list[dict]:
@@ -34,6 +34,15 @@ def collect(settings: Settings) -> list[dict]:
 def select(collected: list[dict], stage: str, variant: str) -> list[dict]:
     return sorted((run for run in collected if run["stage"] == stage and run["variant"] == variant),
                   key=lambda run: run["seed"])
+
+
+def held_out(run: dict, mode: str, length: int) -> float:
+    return run["held_out_loss"][mode][length]
+
+
+def increases(group: list[dict], mode: str, length: int) -> list[float]:
+    """Per seed, how much the held-out loss rises from sharing nothing to sharing ``length`` layers."""
+    return [held_out(run, mode, length) - held_out(run, mode, 0) for run in group]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
