@@ -234,13 +234,8 @@ def _killed_during_save_worker(rank, run, point):
         return write(state, directory, *args, **kwargs)
 
     def publish_then_die(source, target):
-        target = Path(target)
-        if point == "before the rename" and target.name == "iter_0000004":
-            die()
         replace(source, target)
-        if point == "after the rename" and target.name == "iter_0000004":
-            die()
-        if point == "after latest" and target.name == "latest" and target.read_text().strip() == "4":
+        if point == "after the rename" and Path(target).name == "iter_0000004":
             die()
 
     checkpointing.dist_checkpointing.save = write_then_die
@@ -249,8 +244,10 @@ def _killed_during_save_worker(rank, run, point):
     Trainer(run).train()
 
 
-# where a save can be killed -> the iteration the next start resumes from
-KILL_POINTS = {"writing the data": 2, "before the rename": 2, "after the rename": 2, "after latest": 4}
+# where a save is killed -> the iteration the next start resumes from. test_checkpoint_publish.py stops a save at
+# every step in one process; a real kill and a real resume run at the two points that leave different folders: a
+# partial iter_0000004.tmp, and a complete iter_0000004 that `latest` does not name yet.
+KILL_POINTS = {"writing the data": 2, "after the rename": 2}
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -260,7 +257,7 @@ def test_a_save_killed_anywhere_resumes_from_a_complete_checkpoint(tmp_path, poi
         run_workers(_killed_during_save_worker, 1, run, point)
     root = Path(run.checkpoint.dir)
     assert checkpointing.latest_iteration(root) == KILL_POINTS[point]
-    assert (root / "iter_0000004").exists() == (point in ("after the rename", "after latest"))
+    assert (root / "iter_0000004").exists() == (point == "after the rename")
     # the next start ends at iteration 4, so `latest` must name the checkpoint it saved (or found saved)
     resumed = _run(tmp_path, "killed", "training.train_steps=4", "checkpoint.save_interval=2")
     run_workers(train_worker, 1, resumed)

@@ -1,6 +1,6 @@
 """The reproduction's runs as a list of jobs: commands of the project's own tools, with what each one needs first.
 
-Per seed, in the order they are started:
+Per seed (the trainings of every seed start first, then the exports and evaluations):
     pretrain-none / -qk / -kv      pretrain_epas.py on the pretrain split (the same data order and steps)
     cpt-epas / cpt-none            the model pretrained without sharing, continued on the cpt split (qk EPAS or none)
     export-<run>                   tools/convert_checkpoint.py megatron-to-hf
@@ -157,7 +157,8 @@ def resolved(settings: Settings, run: Run) -> RunConfig:
 
 
 def jobs(settings: Settings) -> list[Job]:
-    """Every job, in the order they are started when their needs are met."""
+    """Every job, in the order they are started when their needs are met: the trainings first (they are long and
+    the others wait for them), so that the short exports and evaluations fill both slots at the end."""
     layout, planned = Layout(settings.output), []
     for run in runs(settings):
         config = resolved(settings, run)
@@ -177,7 +178,7 @@ def jobs(settings: Settings) -> list[Job]:
             if not run.uses_epas:
                 argv += ["--allow-untrained", "--sharing-mode", mode]
             planned.append(Job(f"evaluate-{run.name}-{mode}", "evaluate", tuple(argv), (f"export-{run.name}",)))
-    return planned
+    return sorted(planned, key=lambda job: ("train", "export", "evaluate").index(job.kind))
 
 
 def check_settings(settings: Settings) -> None:
