@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from analysis.reproduction import plan, report
+from analysis.reproduction.results import write_json
 from analysis.reproduction.runner import Runner, format_duration
 from epas import cli
 from epas.data.reproduction_corpus import build_reproduction_corpus
@@ -91,7 +92,7 @@ def check_budget(settings: plan.Settings, corpus: dict) -> None:
     """Each run reads less than one epoch of its split, so no run sees a sample twice."""
     for stage, split in (("pretrain", "pretrain"), ("cpt", "cpt")):
         config = plan.resolved(settings, plan.Run(stage, "none", settings.seeds[0]))
-        tokens = config.training.train_steps * config.data.global_batch_size * config.model.seq_length
+        tokens = plan.tokens_per_run(config)
         train_share = int(config.data.split.split(",")[0]) / sum(int(part) for part in config.data.split.split(","))
         available = corpus["splits"][split]["tokens"] * train_share
         if tokens > available:
@@ -105,9 +106,7 @@ def record_call(output: Path, seconds: float) -> list[float]:
     path = output / "state" / "calls.json"
     calls = json.loads(path.read_text()) if path.exists() else []
     calls.append(round(seconds, 1))
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(calls) + "\n")
-    os.replace(temporary, path)
+    write_json(path, calls)
     return calls
 
 

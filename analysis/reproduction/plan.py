@@ -181,6 +181,11 @@ def jobs(settings: Settings) -> list[Job]:
     return sorted(planned, key=lambda job: ("train", "export", "evaluate").index(job.kind))
 
 
+def tokens_per_run(config: RunConfig) -> int:
+    """The tokens a run trains on."""
+    return config.training.train_steps * config.data.global_batch_size * config.model.seq_length
+
+
 def check_settings(settings: Settings) -> None:
     if not settings.seeds:
         raise InputError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")

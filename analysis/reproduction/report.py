@@ -11,9 +11,9 @@ from pathlib import Path
 
 from analysis.evaluate import package_version
 from analysis.reproduction import figures
-from analysis.reproduction.plan import Run, Settings, preset, resolved, target
-from analysis.reproduction.results import (collect, held_out, increases, mean_std, paired_differences, select,
-                                           write_json)
+from analysis.reproduction.plan import Run, Settings, preset, resolved, target, tokens_per_run
+from analysis.reproduction.results import (collect, held_out, increases, mean_std, paired_differences,
+                                           pretraining_costs, select, write_json)
 
 FIGURES = "results_figures"
 # The paper's figures (EPAS_METHOD.md): Table 4 validation loss without -> with EPAS (qk, 50% of the layers);
@@ -38,8 +38,7 @@ def table4(collected: list[dict], sharing: int, num_layers: int) -> list[str]:
              f"{PAPER_TABLE4['125M'][0]:.2f} |"]
     for variant in ("qk", "kv"):
         group = select(collected, "pretrain", variant)
-        differences = paired_differences(baseline, group, lambda r: held_out(r, "qk", 0),
-                                         lambda r: held_out(r, variant, sharing))
+        differences = pretraining_costs(collected, variant, sharing)
         before, after = PAPER_TABLE4["125M"]
         paper = f"{after:.2f} ({after - before:+.2f})" if variant == "qk" else "not reported"
         lines.append(f"| EPAS {variant} ({sharing}/{num_layers}) | "
@@ -94,9 +93,7 @@ def verdicts(collected: list[dict], sharing: int, num_layers: int) -> list[str]:
     seeds = len(baseline)
     lines = []
     for variant in ("qk", "kv"):
-        group = select(collected, "pretrain", variant)
-        costs = paired_differences(baseline, group, lambda r: held_out(r, "qk", 0),
-                                   lambda r: held_out(r, variant, sharing))
+        costs = pretraining_costs(collected, variant, sharing)
         mean, _ = mean_std(costs)
         spread = mean_std([held_out(r, "qk", 0) for r in baseline])[1]
         if mean < -NEGLIGIBLE:
@@ -137,8 +134,8 @@ def verdicts(collected: list[dict], sharing: int, num_layers: int) -> list[str]:
     lines.append(f"- **Against the model continued without sharing** (and used without sharing), the model continued "
                  f"with EPAS is {at_zero:+.3f} in held-out loss without sharing and {deployed:+.3f} sharing its "
                  f"{sharing} layers: {cost}.")
-    untrained = [held_out(r, "qk", sharing) - held_out(r, "qk", 0) for r in baseline]
-    trained = [held_out(r, "qk", sharing) - held_out(r, "qk", 0) for r in select(collected, "pretrain", "qk")]
+    untrained = increases(baseline, "qk", sharing)
+    trained = increases(select(collected, "pretrain", "qk"), "qk", sharing)
     lines.append(f"- **Pretrained models:** sharing {sharing}/{num_layers} layers raises the held-out loss of the EPAS "
                  f"qk model by {mean_std(trained)[0]:+.3f} over its own no-sharing loss, and that of the model "
                  f"trained without EPAS (inference-time qk sharing) by {mean_std(untrained)[0]:+.3f}.")
@@ -168,8 +165,7 @@ def write(settings: Settings, corpus: dict, command: str, calls: list[float]) ->
     figures.sharing_lengths(collected, sharing, num_layers, by_length)
 
     pretrain, cpt = (resolved(settings, Run(stage, "none", settings.seeds[0])) for stage in ("pretrain", "cpt"))
-    tokens = {name: config.training.train_steps * config.data.global_batch_size * model.seq_length
-              for name, config in (("pretrain", pretrain), ("cpt", cpt))}
+    tokens = {"pretrain": tokens_per_run(pretrain), "cpt": tokens_per_run(cpt)}
     versions = {name: package_version(name) for name in ("torch", "megatron-core", "transformers")}
     machine = processor_name()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")

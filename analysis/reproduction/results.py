@@ -57,6 +57,13 @@ def paired_differences(runs_a: list[dict], runs_b: list[dict], value_a, value_b=
     return [value_b(b) - value_a(a) for a, b in zip(runs_a, runs_b, strict=True)]
 
 
+def pretraining_costs(collected: list[dict], variant: str, sharing: int) -> list[float]:
+    """Per seed, the held-out loss of the EPAS ``variant`` model at its full region minus that of the model
+    pretrained without sharing, used without sharing (Table 4)."""
+    return paired_differences(select(collected, "pretrain", "none"), select(collected, "pretrain", variant),
+                              lambda run: held_out(run, "qk", 0), lambda run: held_out(run, variant, sharing))
+
+
 def mean_curve(group: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """Steps logged by every run of the group, with the mean, min and max over seeds."""
     steps = sorted(set.intersection(*(set(run[key][0]) for run in group)))
@@ -65,7 +72,8 @@ def mean_curve(group: list[dict], key: str) -> tuple[list[int], list[float], lis
     return steps, [statistics.mean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data) -> None:
+    """Written whole or not at all: a reader never sees half a file."""
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)

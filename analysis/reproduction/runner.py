@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.reproduction.plan import REPOSITORY, Job
+from analysis.reproduction.results import write_json
 from epas.errors import EpasError, InputError
 
 # First guesses of a job's seconds on one core, replaced by what the finished jobs took.
@@ -135,9 +136,7 @@ class Runner:
     def finish(self, item: Running) -> None:
         seconds = time.monotonic() - item.started
         record = {"argv": list(item.job.argv), "seconds": round(seconds, 1), "log": str(item.log)}
-        temporary = self.marker(item.job).with_suffix(".tmp")
-        temporary.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(temporary, self.marker(item.job))
+        write_json(self.marker(item.job), record)
         self.done[item.job.name] = record
         self.seconds[item.job.kind].append((item.job.steps, seconds))
 
