@@ -10,7 +10,7 @@ OLDEST_LOCKED := PIP_CONSTRAINT=$(CURDIR)/locks/oldest.txt
 # The tests that call transformers, in one process: the Hugging Face model and its cache, the conversion mapping
 # against LlamaForCausalLM, the conversion commands' checks, the generate benchmark. The multi-process conversion
 # runs (marked slow) exercise megatron-core, the same in both environments: `make test` runs them.
-HF_TESTS := tests/test_hf_model.py tests/test_hf_cache.py tests/test_hf_forward_paths.py \
+HF_TESTS := tests/test_hf_model.py tests/test_hf_cache.py tests/test_hf_static_cache.py tests/test_hf_forward_paths.py \
 	tests/test_hf_weights.py tests/test_hf_conversion.py tests/test_generate_benchmark.py
 
 .PHONY: setup demo demo-finetune reproduce test test-quick test-oldest test-gpu test-slurm bench-cpu lock mutation

@@ -34,6 +34,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.static_decoding import GraphedGreedy
 from benchmarks.timing import (
     fractions,
     gain,
@@ -80,6 +81,21 @@ def predicted_cache_bytes(config, num_sharing: int, mode: str, tokens: int, batc
     layers = config.num_hidden_layers
     tensors = 2 * layers - num_sharing if mode == "qk" else 2 * (layers - num_sharing)
     return tensors * batch * config.num_key_value_heads * config.head_dim * tokens * element_size
+
+
+def predicted_step_bytes(config, num_sharing: int, mode: str, tokens: int, batch: int, element_size: int) -> int:
+    """Bytes one decode step reads over a context of `tokens`: each layer's weights but the projections its sharing
+    skips (q and k in qk mode, k and v in kv mode), the final norm and the LM head (the embedding lookup reads one
+    row per sequence), and the cache: a compute layer's keys and values, a QK-sharing layer's values alone (it weighs
+    them with its source's probabilities), a KV-sharing layer's source keys and values once more. Where a step is
+    bound by memory, which is how decoding runs once the host no longer sets the pace, its time follows this."""
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    query, key = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer = 2 * hidden * query + 2 * hidden * key + 3 * hidden * ffn + 2 * hidden
+    skipped = hidden * (query + key if mode == "qk" else 2 * key)
+    weights = config.num_hidden_layers * layer - num_sharing * skipped + hidden + config.vocab_size * hidden
+    cache_tensors = 2 * config.num_hidden_layers - (num_sharing if mode == "qk" else 0)
+    return (weights + cache_tensors * batch * key * tokens) * element_size
 
 
 def cache_nbytes(cache) -> int:
@@ -199,29 +215,55 @@ def generate_benchmark(args, argv: list[str], program: str) -> dict:
     rows = variants(model, llama, config, args.sharing, args.mode)
     on_gpu = device == "cuda"
 
-    def call(variant: dict, prompt: torch.Tensor, new_tokens: int, clock=None):
-        _select(variant)
-        return variant["net"].generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock,
+    decoders = {}  # --cache static: one GraphedGreedy per row, for the current (batch, prompt) case
+
+    def generate_call(variant: dict, prompt: torch.Tensor) -> tuple[float, float, object]:
+        """generate(): the prefill and the decode steps timed apart by the streamer."""
+        clock = TokenClock()
+        output = variant["net"].generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, streamer=clock,
             return_dict_in_generate=True,
         )
+        if len(clock.times) != args.new_tokens + 1:
+            raise RuntimeError(f"generate() made {len(clock.times) - 1} tokens, not {args.new_tokens}")
+        return clock.times[1] - clock.times[0], clock.times[-1] - clock.times[1], getattr(output, CACHE_KEYWORD)
+
+    def static_call(variant: dict, prompt: torch.Tensor) -> tuple[float, float, object]:
+        """GraphedGreedy: its prefill, then the decode steps replayed from the row's CUDA graph."""
+        decoder = decoders.get(variant["label"])
+        if decoder is None:
+            batch, length = prompt.shape
+            decoder = decoders[variant["label"]] = GraphedGreedy(variant["net"], batch, length + args.new_tokens - 1,
+                                                                 args.new_tokens)
+        decoder.reset()
+        synchronize(device)
+        start = time.perf_counter()
+        decoder.prefill(prompt)
+        synchronize(device)
+        prefilled = time.perf_counter()
+        decoder.decode(args.new_tokens - 1)
+        synchronize(device)
+        end = time.perf_counter()
+        if decoder.tokens().shape[1] != args.new_tokens:
+            raise RuntimeError(f"the static decoder made {decoder.tokens().shape[1]} tokens, not {args.new_tokens}")
+        return prefilled - start, end - prefilled, decoder.cache
+
+    call = static_call if args.cache == "static" else generate_call
 
     def measure(case) -> dict:
         variant, prompt = case
+        _select(variant)
         synchronize(device)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated() if on_gpu else 0
-        clock = TokenClock()
-        output = call(variant, prompt, args.new_tokens, clock)
-        if len(clock.times) != args.new_tokens + 1:
-            raise RuntimeError(f"generate() made {len(clock.times) - 1} tokens, not {args.new_tokens}")
+        prefill_s, decode_s, cache = call(variant, prompt)
         peak = torch.cuda.max_memory_allocated() if on_gpu else None
         return {
-            "prefill_s": clock.times[1] - clock.times[0],
-            "decode_s": clock.times[-1] - clock.times[1],
-            "cache_bytes": cache_nbytes(getattr(output, CACHE_KEYWORD)),
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "cache_bytes": cache_nbytes(cache),
             "peak_memory_bytes": peak,
             "generate_memory_bytes": None if peak is None else peak - resident,
         }
@@ -237,6 +279,7 @@ def generate_benchmark(args, argv: list[str], program: str) -> dict:
             "device": device,
             "dtype": dtype_name(dtype),
             "modes": args.mode,
+            "cache": args.cache,
             "anchor": args.anchor,
             "trained_sharing_layers": config.trained_sharing_layers,
             "new_tokens": args.new_tokens,
@@ -260,6 +303,7 @@ def generate_benchmark(args, argv: list[str], program: str) -> dict:
             prompt = torch.randint(0, config.vocab_size, (batch, prompt_length), generator=generator).to(device)
             cases = [(variant, prompt) for variant in rows]
             runs = interleaved(cases, measure, args.warmup, args.rounds)
+            decoders.clear()  # the next case has other shapes: free this one's caches and graphs
             result["records"] += case_rows(config, rows, runs, batch, prompt_length, args.new_tokens, element_size)
             write_json(args.json, result)
     result["complete"] = True
@@ -278,8 +322,8 @@ def case_rows(config, rows, runs, batch: int, prompt_length: int, new_tokens: in
     llama_cache = predicted_cache_bytes(config, 0, "qk", cached_tokens, batch, element_size)
     records = []
     for variant, measured in zip(rows, runs):
-        predicted = predicted_cache_bytes(config, len(variant["layers"]), variant["mode"] or "qk", cached_tokens,
-                                          batch, element_size)
+        sharing, mode = len(variant["layers"]), variant["mode"] or "qk"
+        predicted = predicted_cache_bytes(config, sharing, mode, cached_tokens, batch, element_size)
         decode_s = statistics.median(r["decode_s"] for r in measured)
         prefill_s = statistics.median(r["prefill_s"] for r in measured)
         peaks = [r["peak_memory_bytes"] for r in measured if r["peak_memory_bytes"] is not None]
@@ -301,6 +345,7 @@ def case_rows(config, rows, runs, batch: int, prompt_length: int, new_tokens: in
             "cache_bytes": measured[-1]["cache_bytes"],
             "predicted_cache_bytes": predicted,
             "cache_fraction": predicted / llama_cache,
+            "step_bytes": predicted_step_bytes(config, sharing, mode, cached_tokens, batch, element_size),
             "peak_memory_bytes": max(peaks) if peaks else None,
             "generate_memory_bytes": max(r["generate_memory_bytes"] for r in measured) if peaks else None,
         })
@@ -308,6 +353,7 @@ def case_rows(config, rows, runs, batch: int, prompt_length: int, new_tokens: in
     for record in records:
         record["decode_gain"] = gain(record["decode_tokens_per_s"], base["decode_tokens_per_s"])
         record["prefill_gain"] = gain(record["prefill_tokens_per_s"], base["prefill_tokens_per_s"])
+        record["memory_bound_gain"] = gain(base["step_bytes"], record["step_bytes"])
     return records
 
 
@@ -343,7 +389,7 @@ def report(result: dict) -> int:
     """The table and the checks; exit status 1 when a cache did not hold the predicted bytes."""
     print_table(
         [("batch", "d"), ("prompt", "d"), ("label", "s"), ("prefill_s", ".4f"), ("decode_tokens_per_s", ".1f"),
-         ("decode_gain", ".2%"), ("cache_bytes", "d"), ("predicted_cache_bytes", "d"), ("cache_fraction", ".4f"),
+         ("decode_gain", ".2%"), ("memory_bound_gain", ".2%"), ("cache_bytes", "d"), ("predicted_cache_bytes", "d"), ("cache_fraction", ".4f"),
          ("peak_memory_bytes", "d")],
         result["records"],
     )
@@ -379,6 +425,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_ints, default=[1], help="e.g. 1,32")
     parser.add_argument("--prompt", type=positive_ints, default=[512], help="prompt lengths, e.g. 512,2048")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per sequence (at least 2)")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="dynamic: generate(), every step launched from Python (default); static: preallocated "
+                             "caches and each decode step replayed from a CUDA graph (benchmarks/static_decoding.py), "
+                             "so that a step costs its kernels' time")
     cli.add_device_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="for random weights and prompts")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the same generate() calls as the timed ones)")

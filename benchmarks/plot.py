@@ -7,7 +7,8 @@ One panel per JSON file, all of one kind. ``train``: the measured tokens/s gain 
 sharing fraction per mode, with the FLOP bound (the gain if step time followed the FLOP model)
 dashed in the same colour, and EPAS-at-0% against stock in the panel title. ``generate``
 (``benchmarks/generate.py``): the decode tokens/s gain against the sharing fraction per mode,
-batch size and prompt length, and EPAS-at-0% against LlamaForCausalLM in the title. Titles name
+batch size and prompt length, with the memory-bound model's gain thin in the same colour, and
+EPAS-at-0% against LlamaForCausalLM and how decoding ran in the title. Titles name
 the model, the device and the versions stored in the JSON.
 """
 
@@ -75,13 +76,19 @@ def _generate_panel(axes, result: dict) -> None:
     cases = list(dict.fromkeys((r["batch"], r["prompt"]) for r in records))
     modes = list(dict.fromkeys(r["mode"] for r in records if r["mode"]))
     for colour, case in enumerate(cases):
-        for style, mode in zip(("o-", "s--"), modes):
+        for style, bound_style, mode in zip(("o-", "s--"), (":", "-."), modes):
             rows = [r for r in records if (r["batch"], r["prompt"]) == case and r["model"] == "epas"
                     and r["mode"] in (None, mode)]
             xs, ys = zip(*sorted((r["sharing_fraction"], r["decode_gain"]) for r in rows))
             axes.plot(xs, ys, style, color=f"C{colour}", label=f"{mode}, batch {case[0]}, prompt {case[1]}")
+            if all("memory_bound_gain" in r for r in rows):  # results written before the model lack it
+                xs, ys = zip(*sorted((r["sharing_fraction"], r["memory_bound_gain"]) for r in rows))
+                axes.plot(xs, ys, bound_style, color=f"C{colour}", linewidth=1, label=f"{mode}, memory-bound model")
     cache = {(r["mode"], r["sharing_fraction"]): r["cache_fraction"] for r in records if r["mode"]}
-    title = f"{result['metadata']['model']}\ncache / LLaMA cache: " + ", ".join(
+    decoding = "generate()"
+    if result["settings"].get("cache") == "static":
+        decoding = "static cache, CUDA graphs" if result["settings"]["device"] == "cuda" else "static cache"
+    title = f"{result['metadata']['model']}, {decoding}\ncache / LLaMA cache: " + ", ".join(
         f"{mode} {fraction:.0%} {size:.2f}" for (mode, fraction), size in sorted(cache.items()))
     anchor = result.get("summary", {}).get("epas_at_0_vs_llama")
     if anchor:

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_epas_llama import EpasLlamaConfig
 from .modeling_epas_llama import (
     EpasCache,
+    EpasStaticCache,
     EpasLlamaForCausalLM,
     EpasLlamaModel,
     EpasLlamaPreTrainedModel,
@@ -25,6 +26,7 @@ from .modeling_epas_llama import (
 
 __all__ = [
     "EpasCache",
+    "EpasStaticCache",
     "EpasLlamaConfig",
     "EpasLlamaForCausalLM",
     "EpasLlamaModel",

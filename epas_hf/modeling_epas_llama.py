@@ -44,6 +44,11 @@ class SharedAttention(NamedTuple):
     probabilities: torch.Tensor | None = None
 
 
+def cache_layout(sharing_layers, sharing_mode: str) -> tuple:
+    """What decides which tensors each layer caches: the sharing layers and, when there are any, the mode."""
+    return tuple(sharing_layers), sharing_mode if sharing_layers else None
+
+
 class EpasLayerCache:
     """One layer's part of an `EpasCache`: keys and/or values as [batch, kv_heads, tokens, head_dim], or nothing.
 
@@ -131,7 +136,7 @@ class EpasCache(Cache):
 
     def __init__(self, num_layers: int, sharing_layers, sharing_mode: str):
         super().__init__(layers=[EpasLayerCache() for _ in range(num_layers)])
-        self.layout = (tuple(sharing_layers), sharing_mode)
+        self.layout = cache_layout(sharing_layers, sharing_mode)
 
     def append(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None):
         return self.layers[layer_idx].append(keys, values)
@@ -148,6 +153,64 @@ class EpasCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by all cached tensors."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+class EpasStaticCache(EpasCache):
+    """Preallocated cache, laid out like `EpasCache`, for decoding under CUDA graphs or torch.compile.
+
+    Every tensor a layer holds is one [batch, kv_heads, max_length, head_dim] buffer allocated up front (zeros, so
+    that the masked slots weigh nothing) and written in place; the count of written tokens is a tensor. A decoding
+    step therefore allocates no cache memory, keeps every address fixed and never reads a number back to the host,
+    which is what a captured CUDA graph needs. Attention runs over all `max_length` slots with the unwritten ones
+    masked. The model calls `reserve` once per forward; writing past `max_length` is an indexing error.
+    """
+
+    def __init__(self, num_layers: int, sharing_layers, sharing_mode: str, *, batch_size: int, max_length: int,
+                 kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__(num_layers, sharing_layers, sharing_mode)
+        shape = (batch_size, kv_heads, max_length, head_dim)
+        sharing = set(sharing_layers)
+        for index, layer in enumerate(self.layers):
+            holds_keys = index not in sharing
+            holds_values = holds_keys or sharing_mode == "qk"
+            layer.key_buffer = torch.zeros(shape, dtype=dtype, device=device) if holds_keys else None
+            layer.value_buffer = torch.zeros(shape, dtype=dtype, device=device) if holds_values else None
+            layer.length = max_length  # `keys`/`values` (and nbytes) are the whole buffers
+        self.max_length = max_length
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+        self.slots: torch.Tensor | None = None  # set by reserve()
+        if not torch.compiler.is_compiling():  # torch.compile's CUDA graphs keep these addresses
+            for tensor in (self.filled, *(b for layer in self.layers for b in (layer.key_buffer, layer.value_buffer))):
+                if tensor is not None:
+                    torch._dynamo.mark_static_address(tensor)
+
+    def reserve(self, length: int) -> torch.Tensor:
+        """The slots of this forward's `length` tokens, after those written so far; they count as written now."""
+        self.slots = self.filled + torch.arange(length, device=self.filled.device)
+        self.filled.add_(length)
+        return self.slots
+
+    def append(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None):
+        """Write this forward's keys/values at the reserved slots; return the whole buffers."""
+        layer = self.layers[layer_idx]
+        for buffer, update in ((layer.key_buffer, keys), (layer.value_buffer, values)):
+            if update is not None:
+                buffer.index_copy_(2, self.slots, update)
+        return layer.key_buffer, layer.value_buffer
+
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
+        """Tokens written so far, as a 0-d tensor (like transformers' StaticCache: no read back to the host)."""
+        return self.filled
+
+    def crop(self, length: int) -> None:
+        """Drop trailing tokens (same conventions as `EpasLayerCache.crop`); the buffers keep their size."""
+        if length < 0:
+            self.filled.add_(length).clamp_(min=0)
+        else:
+            self.filled.clamp_(max=length)
+
+    def reset(self) -> None:
+        self.filled.zero_()
 
 
 class EpasRMSNorm(nn.Module):
@@ -252,6 +315,22 @@ def _attention_mask(attention_mask, query_length: int, past_length: int, device)
         # a padding query's row is then all-masked: SDPA (torch >= 2.5) returns zeros there, no NaN
         allowed = allowed & attention_mask.bool()[:, None, None, :]
     return allowed, False
+
+
+def _static_attention_mask(attention_mask, slots: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Boolean [batch, 1, query, max_length] mask over a static cache: each query attends to the slots up to its
+    own, and, with a 2D padding mask [batch, tokens so far] (0 = padding), to no padding."""
+    allowed = (torch.arange(max_length, device=slots.device) <= slots[:, None])[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] > max_length:
+            raise ValueError(
+                f"attention_mask must be [batch, tokens so far] with at most the static cache's {max_length} tokens, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        # slots after the mask's end are written later, and causality already masks them
+        padding = F.pad(attention_mask.bool(), (0, max_length - attention_mask.shape[-1]), value=True)
+        allowed = allowed & padding[:, None, None, :]
+    return allowed
 
 
 class EpasAttention(nn.Module):
@@ -379,6 +458,16 @@ class EpasLlamaPreTrainedModel(PreTrainedModel):
         """An empty cache laid out for the current sharing set."""
         return EpasCache(self.config.num_hidden_layers, self.config.sharing_layers, self.config.sharing_mode)
 
+    def new_static_cache(self, batch_size: int, max_length: int) -> EpasStaticCache:
+        """A preallocated cache for `batch_size` sequences of up to `max_length` tokens (prompt and new tokens) for
+        the current sharing set, in the model's dtype and on its device: for decoding under CUDA graphs."""
+        parameter = next(self.parameters())
+        return EpasStaticCache(
+            self.config.num_hidden_layers, self.config.sharing_layers, self.config.sharing_mode,
+            batch_size=batch_size, max_length=max_length, kv_heads=self.config.num_key_value_heads,
+            head_dim=self.config.head_dim, dtype=parameter.dtype, device=parameter.device,
+        )
+
 
 class EpasLlamaModel(EpasLlamaPreTrainedModel):
     """The decoder stack; returns final hidden states and the EpasCache."""
@@ -413,7 +502,7 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
                 f"EpasLlama needs an EpasCache (or None, to build one), got a filled {type(cache).__name__}: "
                 "other caches do not know which layers hold keys and values"
             )
-        layout = (tuple(self.config.sharing_layers), self.config.sharing_mode)
+        layout = cache_layout(self.config.sharing_layers, self.config.sharing_mode)
         if cache.layout != layout:
             raise ValueError(f"the cache was built for sharing layers/mode {cache.layout}, the model now uses {layout}")
         return cache
@@ -440,11 +529,17 @@ class EpasLlamaModel(EpasLlamaPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         cache = self._cache_for(_one_cache(cache, past_key_values), use_cache)
         length = hidden_states.shape[1]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + length, device=hidden_states.device)[None]
+        if isinstance(cache, EpasStaticCache):
+            slots = cache.reserve(length)
+            if position_ids is None:
+                position_ids = slots[None]
+            mask, is_causal = _static_attention_mask(attention_mask, slots, cache.max_length), False
+        else:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            if position_ids is None:
+                position_ids = torch.arange(past_length, past_length + length, device=hidden_states.device)[None]
+            mask, is_causal = _attention_mask(attention_mask, length, past_length, hidden_states.device)
         rope = self.rotary_emb(position_ids, hidden_states.dtype)
-        mask, is_causal = _attention_mask(attention_mask, length, past_length, hidden_states.device)
 
         sharing, mode = set(self.config.sharing_layers), self.config.sharing_mode
         recompute = self.gradient_checkpointing and self.training

@@ -64,6 +64,10 @@ def test_records_and_cache_bytes(generate_json):
         assert r["decode_gain"] == pytest.approx(records["epas 0%"]["decode_s"] / r["decode_s"] - 1)
         assert r["prefill_s"] > 0 and r["peak_memory_bytes"] is None  # no GPU here
     assert records["qk 50%"]["sharing_layers"] == records["kv 50%"]["sharing_layers"] == [3, 4, 5]
+    model = generate.random_model(TINY, [], torch.float32, "meta")
+    for r in records.values():
+        assert r["step_bytes"] == counted_step_bytes(model, r, records["llama"]["cache_bytes"]), r["label"]
+        assert r["memory_bound_gain"] == pytest.approx(records["epas 0%"]["step_bytes"] / r["step_bytes"] - 1)
     (anchor,) = result["summary"]["epas_at_0_vs_llama"]
     assert anchor["decode_vs_llama"] == pytest.approx(
         records["epas 0%"]["decode_tokens_per_s"] / records["llama"]["decode_tokens_per_s"] - 1
@@ -72,6 +76,33 @@ def test_records_and_cache_bytes(generate_json):
     assert result["settings"]["trained_sharing_layers"] == [3, 4, 5] and result["settings"]["modes"] == ["qk", "kv"]
     assert "random init" in result["metadata"]["model"]
     assert result["metadata"]["command"].startswith("python -m benchmarks.generate --random-init")
+
+
+def counted_step_bytes(model, record: dict, llama_cache_bytes: int) -> int:
+    """What a decode step reads, counted on the model's modules: every decoder weight but the projections the
+    sharing layers skip, the final norm and the LM head (float32); the cache held in qk mode (a sharer reads its own
+    V), a full LLaMA cache in kv mode (a sharer reads its source's K and V again)."""
+    mode = record["mode"] or "qk"
+    skipped = ("q_proj", "k_proj") if mode == "qk" else ("k_proj", "v_proj")
+    weights = sum(p.numel() for p in model.model.layers.parameters()) + model.model.norm.weight.numel()
+    weights += model.lm_head.weight.numel()
+    weights -= sum(getattr(model.model.layers[i].self_attn, name).weight.numel()
+                   for i in record["sharing_layers"] for name in skipped)
+    return 4 * weights + (record["cache_bytes"] if mode == "qk" else llama_cache_bytes)
+
+
+def test_static_cache_rows_replay_their_steps_with_the_predicted_cache(tmp_path):
+    """--cache static: the same rows and checks through GraphedGreedy (eager steps on the CPU); the preallocated
+    caches hold exactly the prompt and the new tokens fed back, so the prediction is the dynamic one."""
+    path = tmp_path / "static.json"
+    assert _generate(path, "--cache", "static", "--rounds", "1") == 0
+    result = json.loads(path.read_text())
+    assert result["settings"]["cache"] == "static" and result["summary"]["cache_bytes_as_predicted"] is True
+    records = {r["label"]: r for r in result["records"]}
+    assert list(records) == LABELS
+    for r in records.values():
+        assert r["cache_bytes"] == r["predicted_cache_bytes"] and r["decode_s"] > 0 and r["prefill_s"] > 0
+    assert records["qk 50%"]["memory_bound_gain"] > records["qk 25%"]["memory_bound_gain"] > 0
 
 
 def test_llama_anchor_is_the_same_model_as_epas_at_zero():
@@ -124,9 +155,10 @@ def test_device_script_dry_run_needs_no_megatron(tmp_path):
     out = tmp_path / "out"
     subprocess.run(["bash", str(ROOT / "tools" / "gpu_check_generate.sh"), str(out)], env=env, check=True,
                    capture_output=True, text=True)
-    for preset in ("llama_125m", "tinyllama_1.1b"):
-        result = json.loads((out / f"generate_{preset}.json").read_text())
+    for name in ("llama_125m", "tinyllama_1.1b", "llama_125m_static", "tinyllama_1.1b_static"):
+        result = json.loads((out / f"generate_{name}.json").read_text())
         assert result["complete"] and result["summary"]["cache_bytes_as_predicted"] and result["records"]
+        assert result["settings"]["cache"] == ("static" if name.endswith("static") else "dynamic")
         assert result["metadata"]["megatron_core"] is not None  # installed here, yet never imported
     assert "cache bytes equal the prediction" in (out / "generate.log").read_text()
 

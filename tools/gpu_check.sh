@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call, sized for one lent GPU without Transformer Engine, apex or
-# network (about 8.5 minutes on an H200, under the 10 of one device call): the environment, then tools/gpu_check_train.sh (GPU tests, training
-# benchmark, profile) and tools/gpu_check_generate.sh (decoding benchmark), each under its own time limit.
-# Results land in OUTPUT_DIR/{train,generate} with one log each, and OUTPUT_DIR/results.tgz holds them all.
+# Every GPU check of the project, sized for one lent GPU without Transformer Engine, apex or network:
+# the environment, then tools/gpu_check_train.sh (GPU tests, training benchmark, profile; about 6
+# minutes on an H200), tools/gpu_check_generate.sh (decoding benchmark, about 5 minutes) and
+# tools/gpu_check_analyze.sh (the sharing analyzer's GPU tests, about 2 minutes), each under its own
+# time limit. One device call runs 10 minutes at most: pick the parts with PARTS.
+# Results land in OUTPUT_DIR/{train,generate,analyze} with one log each, and OUTPUT_DIR/results.tgz holds them all.
 # Where $PYTHON cannot import megatron-core, the wheels in .whl/ (megatron-core's) go into a private folder first.
 #
-#   tools/gpu_check.sh OUTPUT_DIR
-#   PYTHON=.venv/bin/python TRAIN_LIMIT=600 tools/gpu_check.sh out/h100
-#   PARTS=generate GENERATE_LIMIT=400 tools/gpu_check.sh OUTPUT_DIR   # only the decoding checks
+#   tools/gpu_check.sh OUTPUT_DIR                 # train, generate, analyze: about 13 minutes
+#   PARTS="generate analyze" tools/gpu_check.sh OUTPUT_DIR   # the decoding checks and the analyzer's, 9.5 minutes at most
+#   PYTHON=.venv/bin/python TRAIN_LIMIT=600 PARTS=train tools/gpu_check.sh out/h100
 #   PARTS=convert tools/gpu_check.sh OUTPUT_DIR   # checkpoint conversion at 8B size (tools/gpu_check_convert.sh)
 set -uo pipefail
 
@@ -53,12 +55,13 @@ part() {  # NAME LIMIT_SECONDS: run tools/gpu_check_NAME.sh under its limit, its
     tail -n 25 "$out/$name.log"
     ((rc == 0)) || status=1
 }
-for name in ${PARTS:-train generate}; do
+for name in ${PARTS:-train generate analyze}; do
     case $name in
         train) part train "${TRAIN_LIMIT:-380}" ;;
-        generate) part generate "${GENERATE_LIMIT:-205}" ;;
+        generate) part generate "${GENERATE_LIMIT:-380}" ;;
+        analyze) part analyze "${ANALYZE_LIMIT:-180}" ;;
         convert) part convert "${CONVERT_LIMIT:-420}" ;;  # not by default: 8B-sized conversion, CPUs and disk
-        *) echo "unknown part $name (train, generate, convert)" >&2 && status=1 ;;
+        *) echo "unknown part $name (train, generate, analyze, convert)" >&2 && status=1 ;;
     esac
 done
 

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Decoding on one GPU in under 3.5 minutes: the transformers EPAS model at sharing
-# 0/25/50% in qk and kv mode beside transformers' LlamaForCausalLM on the same random weights,
-# bf16, SDPA, 128 new tokens, batch 32 and 1 × prompt 2048 and 512 (the paper's Table 5 case,
-# batch 32 with prompt 2048, first), for the 125M and the TinyLlama 1.1B shapes. Needs torch,
-# transformers and pyyaml only (no megatron-core), run from the repository root, no network.
-# Writes OUT/generate_<preset>.json (rewritten after every case, so a run cut short keeps what it
-# measured), OUT/profile_generate_125m.txt (benchmarks/profile_generate.py: the operators of a decode
-# step, 45 s at most; PROFILE_DECODE=0 skips it) and OUT/generate.log.
+# Decoding on one GPU in about 5 minutes: the transformers EPAS model at sharing 0/25/50% in qk
+# and kv mode beside transformers' LlamaForCausalLM on the same random weights, bf16, SDPA, 128 new
+# tokens, for the 125M and the TinyLlama 1.1B shapes. Needs torch, transformers and pyyaml only (no
+# megatron-core), run from the repository root, no network.
+#   1. --cache static, batch 32 x prompt 2048 (the paper's Table 5 case): preallocated caches and
+#      each decode step replayed from a CUDA graph, where a step costs its kernels' time
+#      (OUT/generate_<preset>_static.json).
+#   2. generate(), batch 32 and 1 x prompt 2048 and 512, the paper's case first
+#      (OUT/generate_<preset>.json, rewritten after every case, so a run cut short keeps what it
+#      measured).
+#   3. OUT/profile_generate_125m.txt (benchmarks/profile_generate.py: the operators of a generate()
+#      decode step, 45 s at most; PROFILE_DECODE=0 skips it). Everything printed: OUT/generate.log.
 #
 #   bash tools/gpu_check_generate.sh OUT
 #   EPAS_GENERATE_DRY_RUN=1 bash tools/gpu_check_generate.sh OUT   # the same steps, tiny, on the CPU
 #
-# Time: each preset starts no new case after its budget (--time-budget) and is stopped by
-# `timeout` after its cap; the caps add up to 200 s. On an H200 the first case (batch 32, prompt 2048)
-# takes about 75 s at 125M and 120 s at 1.1B, so the budgets keep to it there.
+# Time: each run starts no new case after its budget (--time-budget) and is stopped by `timeout`
+# after its cap; the caps add up to 365 s. On an H200 the first generate() case (batch 32, prompt
+# 2048) took about 75 s at 125M and 120 s at 1.1B, so the budgets keep to it there.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -26,24 +30,32 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks, epas_hf, mega
 python=${PYTHON:-python3}
 
 if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
+    static=(--device cpu --dtype float32 --batch 2 --prompt 16 --new-tokens 4 --warmup 1 --rounds 2)
     run=(--device cpu --dtype float32 --batch 2 --prompt "16,8" --new-tokens 4 --warmup 1 --rounds 2)
     profile=(--device cpu --dtype float32 --batch 2 --prompt 16 --steps 2 --warmup 1)
     shrink=(model.num_layers=4 model.hidden_size=64 model.num_attention_heads=4 model.ffn_hidden_size=128
             model.vocab_size=512 epas.num_sharing_layers=2)
 else
+    static=(--device cuda --dtype bfloat16 --batch 32 --prompt 2048 --new-tokens 128 --warmup 1 --rounds 10)
     run=(--device cuda --dtype bfloat16 --batch "32,1" --prompt "2048,512" --new-tokens 128 --warmup 1 --rounds 5)
     profile=(--device cuda --dtype bfloat16 --batch 32 --prompt 2048 --steps 8 --warmup 3)
     shrink=()
 fi
 
 status=0
-# preset, --time-budget (s), timeout cap (s)
-for spec in "llama_125m 50 80" "tinyllama_1.1b 70 120"; do
-    read -r preset budget cap <<<"$spec"
-    echo "== $preset" | tee -a "$out/generate.log"
-    timeout "$cap" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" \
-        --sharing "0,0.25,0.5" --mode "qk,kv" "${run[@]}" --time-budget "$budget" \
-        --json "$out/generate_$preset.json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log" || status=1
+# preset, --cache, --time-budget (s), timeout cap (s)
+for spec in "llama_125m static 20 45" "tinyllama_1.1b static 30 75" "llama_125m dynamic 50 80" \
+            "tinyllama_1.1b dynamic 70 120"; do
+    read -r preset cache budget cap <<<"$spec"
+    if [[ $cache == static ]]; then
+        options=("${static[@]}") json="$out/generate_${preset}_static.json"
+    else
+        options=("${run[@]}") json="$out/generate_$preset.json"
+    fi
+    echo "== $preset, $cache cache" | tee -a "$out/generate.log"
+    timeout "$cap" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" --cache "$cache" \
+        --sharing "0,0.25,0.5" --mode "qk,kv" "${options[@]}" --time-budget "$budget" \
+        --json "$json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log" || status=1
 done
 # where a 125M decode step's time goes (the case below the paper's gain): LLaMA, EPAS 0%, qk 50%
 if [[ ${PROFILE_DECODE:-1} == 1 ]]; then

@@ -1,0 +1,147 @@
+"""The preallocated EpasStaticCache and the graph-replayed greedy decoder built on it: the same logits and tokens as
+the dynamic cache and generate(), fixed buffers, and decode steps that read nothing back to the host (what a CUDA
+graph needs; on the CPU, a read-back shows as aten::_local_scalar_dense)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.generate import llama_twin
+from benchmarks.static_decoding import GraphedGreedy
+from epas_hf import EpasStaticCache
+from epas_hf.modeling_epas_llama import CACHE_KEYWORD
+from tests.model_utils import frobenius_error
+from tests.test_hf_model import cache_of, epas_model, greedy, tokens
+
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operators that copy a tensor's value to the host (int(), bool(), .item(), data-dependent shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_prefill_and_steps_equal_the_dynamic_cache_with_left_padding(mode):
+    model = epas_model(2, [2, 3], mode).eval()
+    ids = tokens(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # the first sequence is left-padded by two tokens
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        static = model.new_static_cache(2, 10)
+        logits = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=static).logits
+        assert frobenius_error(logits, full[:, :5]) < 1e-5
+        for step in range(5, 8):
+            logits = model(ids[:, step:step + 1], attention_mask=mask[:, :step + 1], past_key_values=static).logits
+            assert frobenius_error(logits, full[:, step:step + 1]) < 1e-5, step
+    assert int(static.get_seq_length()) == 8
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_generate_with_a_static_cache_equals_the_dynamic_cache(mode):
+    model = epas_model(2, [2, 3], mode).eval()
+    ids = tokens(2, 5)
+    dynamic = greedy(model, ids, new_tokens=4)
+    static = model.new_static_cache(2, 5 + 4 - 1)
+    output = greedy(model, ids, new_tokens=4, **{CACHE_KEYWORD: static})
+    assert torch.equal(output.sequences, dynamic.sequences)
+    assert all(frobenius_error(a, b) < 1e-5 for a, b in zip(output.logits, dynamic.logits))
+    assert cache_of(output) is static and int(static.get_seq_length()) == 8
+
+
+def test_buffers_keep_their_size_and_addresses_and_hold_the_layout():
+    """qk sharing layers hold V only, every buffer is max_length long from the start and is written in place;
+    crop and reset move only the count, and a reset cache decodes a new prompt as a fresh one."""
+    model = epas_model(2, [2, 3], "qk").eval()
+    cache = model.new_static_cache(2, 9)
+    slot = 2 * model.config.num_key_value_heads * 9 * model.config.head_dim * 4  # batch x kv heads x 9 x head_dim, fp32
+    held = [(layer.key_buffer is not None, layer.value_buffer is not None) for layer in cache.layers]
+    assert held == [(True, True), (True, True), (False, True), (False, True)] and cache.nbytes() == 6 * slot
+    addresses = [layer.value_buffer.data_ptr() for layer in cache.layers]
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        model(ids[:, :4], past_key_values=cache)
+        model(ids[:, 4:5], past_key_values=cache)
+        assert [layer.value_buffer.data_ptr() for layer in cache.layers] == addresses and cache.nbytes() == 6 * slot
+        for edit, count in ((lambda: cache.crop(-2), 3), (lambda: cache.crop(5), 3), (lambda: cache.crop(1), 1),
+                            (lambda: cache.crop(-4), 0)):
+            edit()
+            assert int(cache.get_seq_length()) == count
+        model(ids[:, :3], past_key_values=cache)
+        cache.reset()
+        again = model(ids[:, 1:], past_key_values=cache).logits
+        assert frobenius_error(again, model(ids[:, 1:]).logits) < 1e-5
+        model.set_sharing_layers([3])
+        with pytest.raises(ValueError, match="cache was built for sharing layers"):
+            model(ids[:, :1], past_key_values=cache)
+
+
+def test_a_decode_step_reads_nothing_back_to_the_host():
+    """EPAS in both modes (qk hands its probabilities on) and transformers' LLaMA with its StaticCache; the counter
+    itself catches an int() of a tensor."""
+    with HostReads() as probe:
+        int(torch.tensor(3))
+    assert probe.count == 1
+    ids = tokens(2, 5)
+    for net in (epas_model(2, [2, 3], "qk"), epas_model(2, [2, 3], "kv"), llama_twin(epas_model(2))):
+        decoder = GraphedGreedy(net.eval(), 2, 8, 4)
+        decoder.reset()
+        decoder.prefill(ids)
+        with HostReads() as probe:
+            decoder.decode(2)
+        assert probe.count == 0, type(net).__name__
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_graphed_greedy_makes_the_tokens_of_generate_for_epas_and_llama(mode):
+    """Two rounds each (the second after reset), the same tokens as generate(); a prefill must follow a reset."""
+    ids = tokens(3, 6)
+    for net in (epas_model(2, [2, 3], mode).eval(), llama_twin(epas_model(2, mode=mode))):
+        expected = greedy(net, ids, new_tokens=5).sequences[:, 6:]
+        decoder = GraphedGreedy(net, 3, 6 + 5 - 1, 5)
+        for _ in range(2):
+            decoder.reset()
+            decoder.prefill(ids)
+            decoder.decode(4)
+            assert torch.equal(decoder.tokens(), expected), type(net).__name__
+        with pytest.raises(RuntimeError, match="reset"):
+            decoder.prefill(ids)
+
+
+def test_a_static_cache_is_an_epas_cache_for_the_model():
+    cache = epas_model(2, [3], "kv").new_static_cache(1, 4)
+    assert isinstance(cache, EpasStaticCache) and cache.layout == ((3,), "kv")
+    assert cache.layers[3].key_buffer is None and cache.layers[3].value_buffer is None
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_decode_steps_compile_into_one_whole_graph(mode):
+    """torch.compile(fullgraph=True) of a step: no graph break, and one graph serves every step (the count of
+    tokens is a tensor, so no step recompiles); the compiled steps equal the full forward."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = epas_model(2, [2, 3], mode).eval()
+    ids = tokens(2, 8)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_static_cache(2, 8)
+        model(ids[:, :5], past_key_values=cache)
+        step = torch.compile(lambda token: model(token, past_key_values=cache).logits, backend=counting_backend,
+                             fullgraph=True)
+        for position in range(5, 8):
+            assert frobenius_error(step(ids[:, position:position + 1]), full[:, position:position + 1]) < 1e-5
+    assert len(graphs) == 1
