@@ -1,6 +1,7 @@
 """The preallocated EpasStaticCache and the graph-replayed greedy decoder built on it: the same logits and tokens as
-the dynamic cache and generate(), fixed buffers, and decode steps that read nothing back to the host (what a CUDA
-graph needs; on the CPU, a read-back shows as aten::_local_scalar_dense)."""
+the dynamic cache and generate(), fixed buffers, and decode steps that a CUDA graph can capture: they read nothing
+back to the host (on the CPU a read-back shows as aten::_local_scalar_dense) and make no tensor there (on the meta
+device such a tensor fails the step)."""
 
 from __future__ import annotations
 
@@ -145,3 +146,15 @@ def test_decode_steps_compile_into_one_whole_graph(mode):
         for position in range(5, 8):
             assert frobenius_error(step(ids[:, position:position + 1]), full[:, position:position + 1]) < 1e-5
     assert len(graphs) == 1
+
+
+def test_a_decode_step_makes_no_tensor_on_the_host():
+    """On the meta device, where a tensor made on the host (which a CUDA graph cannot capture) fails the step."""
+    for mode in ("qk", "kv"):
+        with torch.device("meta"):
+            model = epas_model(2, [2, 3], mode).eval()
+        decoder = GraphedGreedy(model, 2, 8, 4)
+        decoder.reset()
+        decoder.prefill(torch.zeros(2, 5, dtype=torch.long, device="meta"))
+        decoder.decode(2)
+        assert decoder.token.device.type == "meta"
