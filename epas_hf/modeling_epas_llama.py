@@ -368,6 +368,25 @@ class EpasAttention(nn.Module):
         batch = probabilities.shape[0]
         return torch.matmul(probabilities, values).reshape(batch, self.num_heads, 1, self.head_dim)
 
+    def _attend(self, queries, keys, values, mask, is_causal) -> torch.Tensor:
+        """SDPA; where a mask meets grouped heads, K and V are first repeated per query head, since no fused SDPA
+        kernel takes both (flash attention takes no mask, memory-efficient attention no groups) and the math
+        kernel it would fall back to materialises every score."""
+        grouped = self.num_heads != self.num_key_value_heads
+        if grouped and mask is not None:
+            groups = self.num_heads // self.num_key_value_heads
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            grouped = False
+        return F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            enable_gqa=grouped,
+        )
+
     def forward(self, hidden_states, rope, mask, is_causal, cache, shared, sharing_mode, hands_on_probabilities):
         """`shared` is the source layer's SharedAttention in a sharing layer, None in a compute layer.
 
@@ -390,20 +409,15 @@ class EpasAttention(nn.Module):
             queries = _apply_rope(self._heads(self.q_proj(hidden_states)), cos, sin)
             keys, values = shared.keys, shared.values
         probabilities = shared.probabilities if shared is not None and sharing_mode == "qk" else None
-        if probabilities is None and hands_on_probabilities and queries.shape[-2] == 1 and not self.training:
+        one_token = queries.shape[-2] == 1 and not self.training
+        # a masked one-token step (a static cache, a padded batch) also computes them: it reads K and V once, where
+        # SDPA would fall back to its math kernel for grouped heads (see _attend)
+        if probabilities is None and one_token and (hands_on_probabilities or mask is not None):
             probabilities = self._decode_probabilities(queries, keys, mask)
         if probabilities is not None:
             attended = self._weighted_values(probabilities, values)
         else:
-            attended = F.scaled_dot_product_attention(
-                queries,
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=is_causal,
-                dropout_p=self.attention_dropout if self.training else 0.0,
-                enable_gqa=self.num_heads != self.num_key_value_heads,
-            )
+            attended = self._attend(queries, keys, values, mask, is_causal)
         batch, _, length, _ = attended.shape
         output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
         return output, SharedAttention(queries, keys, values, probabilities)

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.generate import llama_twin
 from benchmarks.static_decoding import GraphedGreedy
 from epas_hf import EpasStaticCache
+from epas_hf import modeling_epas_llama as modeling
 from epas_hf.modeling_epas_llama import CACHE_KEYWORD
 from tests.model_utils import frobenius_error
 from tests.test_hf_model import cache_of, epas_model, greedy, tokens
@@ -158,3 +159,32 @@ def test_a_decode_step_makes_no_tensor_on_the_host():
         decoder.prefill(torch.zeros(2, 5, dtype=torch.long, device="meta"))
         decoder.decode(2)
         assert decoder.token.device.type == "meta"
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_masked_attention_reads_grouped_keys_and_values_once(mode, monkeypatch):
+    """SDPA has no fused kernel for a mask with grouped heads: a masked prefill repeats K and V per query head
+    before SDPA, and a masked one-token step (static cache, padded batch) weighs V with probabilities it computes
+    from the grouped heads, without SDPA; unmasked steps keep SDPA's grouped heads. All equal the full forward."""
+    calls = []
+    sdpa = modeling.F.scaled_dot_product_attention
+
+    def recorded(query, key, value, attn_mask=None, enable_gqa=False, **kwargs):
+        calls.append((query.shape[-2], query.shape[1] == key.shape[1], attn_mask is not None, enable_gqa))
+        return sdpa(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa, **kwargs)
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", recorded)
+    model = epas_model(2, [3], mode).eval()  # 4 query heads in 2 groups
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        full = model(ids).logits
+        assert calls and all(query_heads_equal is False and gqa for _, query_heads_equal, _, gqa in calls)
+        calls.clear()
+        cache = model.new_static_cache(2, 6)
+        prefill = model(ids[:, :5], past_key_values=cache).logits
+        assert calls and all(length == 5 and equal_heads and masked and not gqa for length, equal_heads, masked, gqa
+                             in calls)
+        calls.clear()
+        step = model(ids[:, 5:], past_key_values=cache).logits
+        assert calls == []
+    assert frobenius_error(prefill, full[:, :5]) < 1e-5 and frobenius_error(step, full[:, 5:]) < 1e-5
