@@ -5,10 +5,11 @@
 #     at sharing 0/25/50% in qk and kv mode beside stock megatron-core GPTModel on the same weights;
 #   - decoding: sharing 0/25/50% × batch 1/32 × prompt 512/2048, 128 new tokens, qk and kv, beside
 #     transformers' LlamaForCausalLM, on randomly initialised 125M and TinyLlama 1.1B, or on
-#     MODEL_DIR (an export from convert_checkpoint.py megatron-to-hf whose trained region covers half of its layers, as after the paper's pretraining).
+#     MODEL_DIR (an export from convert_checkpoint.py megatron-to-hf whose trained region covers half of its layers, as after the paper's pretraining),
+#     with generate() and again with static caches and CUDA graphs (--cache static);
 #   - where the step time goes: tools/profile_train.py on the 1.1B at qk 0% and 50%.
 # JSON records, the test results (gpu_tests.xml), the profile, one log (run_gpu_benchmarks.log,
-# everything printed), nvidia-smi.txt and the two PNGs go to OUTPUT_DIR. A failing step is logged
+# everything printed), nvidia-smi.txt and the three PNGs go to OUTPUT_DIR. A failing step is logged
 # and the rest still runs; the exit status is 1 if any step failed. tools/gpu_check_train.sh is the
 # same training part sized for a lent GPU without Transformer Engine (local spec, time limits).
 #
@@ -40,17 +41,26 @@ step profile_1.1b 0 "$python" tools/profile_train.py --config configs/tinyllama_
 
 decode=(--sharing "0,0.25,0.5" --batch "1,32" --prompt "512,2048" --new-tokens 128 --warmup 1
         --rounds 5 --device cuda --dtype bfloat16)
-if [[ -n $model_dir ]]; then
-    step generate 0 "$python" -m benchmarks.generate --model "$model_dir" "${decode[@]}" \
-        --json "$out/generate.json"
-else
-    for preset in llama_125m tinyllama_1.1b; do
-        step "generate_$preset" 0 "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" \
-            "${decode[@]}" --json "$out/generate_$preset.json"
-    done
-fi
+for cache in dynamic static; do
+    suffix=$([[ $cache == static ]] && echo _static)
+    if [[ -n $model_dir ]]; then
+        step "generate$suffix" 0 "$python" -m benchmarks.generate --model "$model_dir" "${decode[@]}" \
+            --cache "$cache" --json "$out/generate$suffix.json"
+    else
+        for preset in llama_125m tinyllama_1.1b; do
+            step "generate_$preset$suffix" 0 "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" \
+                "${decode[@]}" --cache "$cache" --json "$out/generate_$preset$suffix.json"
+        done
+    fi
+done
 
 step plot_train 0 "$python" tools/plot_benchmark.py "$out"/train_*.json --output "$out/train.png"
-step plot_generate 0 "$python" tools/plot_benchmark.py "$out"/generate*.json --output "$out/generate.png"
+dynamic=()
+for file in "$out"/generate*.json; do
+    [[ $file == *_static.json ]] || dynamic+=("$file")
+done
+step plot_generate 0 "$python" tools/plot_benchmark.py "${dynamic[@]}" --output "$out/generate.png"
+step plot_generate_static 0 "$python" tools/plot_benchmark.py "$out"/generate*_static.json \
+    --output "$out/generate_static.png"
 
 gpu_finish
