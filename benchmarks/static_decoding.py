@@ -45,7 +45,9 @@ class GraphedGreedy:
 
     def _next_token(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
-        extra = {"cache_position": self.position + torch.arange(length, device=ids.device)} if self.takes_position else {}
+        extra = {}
+        if self.takes_position:
+            extra["cache_position"] = self.position + torch.arange(length, device=ids.device)
         logits = self.net(ids, use_cache=True, **{CACHE_KEYWORD: self.cache}, **extra).logits
         self.position.add_(length)
         return logits[:, -1:].argmax(-1)
