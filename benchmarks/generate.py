@@ -10,17 +10,18 @@ machine that has only those. ``--model`` loads an export with the installed epas
 none of the folder's code runs (and the code measured is the code installed); a folder with other
 code loads only with ``--trust-remote-code``.
 
-For each (batch, prompt) case, greedy ``generate()`` of 128 (``--new-tokens``) tokens is timed
-with the prefill and the decode steps after it apart (``--cache static``: greedy decoding with
+For each (batch, prompt) case, greedy ``generate()`` of 128 (``--new-tokens``) tokens is timed with
+the prefill and the decode steps after it apart (``--cache static``: greedy decoding with
 preallocated caches, each decode step replayed from a CUDA graph, benchmarks/static_decoding.py),
 for these rows, in interleaved rounds after an untimed warm-up (the same calls): ``llama``
-(transformers' LlamaForCausalLM with the same weights: an EPAS model at 0% sharing is a plain
-LLaMA, so this row is the anchor EPAS at 0% must match), ``epas 0%``, and each sharing fraction (deepest layers first) in each mode.
-Gains are against ``epas 0%``. Each row's cache bytes are checked against the prediction,
-(L - s/2)/L of a LLaMA cache in ``qk`` mode and (L - s)/L in ``kv`` mode, and on a GPU the peak
-memory of the call is recorded; ``memory_bound_gain`` is the gain if a step's time followed the
-bytes it reads (`predicted_step_bytes`). The JSON is rewritten after every case, so a run cut
-short keeps what it measured; ``--time-budget`` skips the cases that would start after it (never the first).
+(transformers' LlamaForCausalLM with the same weights: an EPAS model at 0% sharing is a plain LLaMA,
+so this row is the anchor EPAS at 0% must match), ``epas 0%``, and each sharing fraction (deepest
+layers first) in each mode. Gains are against ``epas 0%``. Each row's cache bytes are checked
+against the prediction, (L - s/2)/L of a LLaMA cache in ``qk`` mode and (L - s)/L in ``kv`` mode,
+and on a GPU the peak memory of the call is recorded; ``memory_bound_gain`` is the gain if a step's
+time followed the bytes it reads (`predicted_step_bytes`). The JSON is rewritten after every case,
+so a run cut short keeps what it measured; ``--time-budget`` skips the cases that would start after
+it (never the first).
 """
 
 from __future__ import annotations
