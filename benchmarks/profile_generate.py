@@ -4,10 +4,12 @@
         --sharing 0.5 --mode qk --output profile_generate_125m.txt
 
 Each row is timed on the same weights and prompt: the prompt is prefilled (not profiled), then ``--steps``
-single-token forward passes with the cache run under ``torch.profiler`` after ``--warmup`` untimed ones (the work of one
-``generate()`` step, without its sampling). The report gives each row's median step time, the number of kernels
-(GPU) or operators (CPU) one step launches, and the operators with the most self time, so per-step host
-overhead (launches, Python, mask building) shows beside the attention and matmul time.
+single-token forward passes with the cache run under ``torch.profiler`` after ``--warmup`` untimed ones (the work of
+one ``generate()`` step, without its sampling); with ``--cache static``, greedy steps of ``GraphedGreedy`` (a
+preallocated cache, on a GPU each step replayed from its CUDA graph), whose kernels are the whole step. The report
+gives each row's median step time, the number of kernels (GPU) or operators (CPU) one step launches, and the
+operators with the most self time, so per-step host overhead (launches, Python, mask building) shows beside the
+attention and matmul time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.generate import _select, llama_twin, random_model, variants
+from benchmarks.static_decoding import GraphedGreedy
 from benchmarks.timing import modes, synchronize, write_report
 from epas import cli
 from epas_hf.modeling_epas_llama import CACHE_KEYWORD
@@ -55,6 +58,18 @@ def decode_steps(net, cache, token: torch.Tensor, steps: int, device: str) -> li
     return times
 
 
+def graphed_steps(decoder: GraphedGreedy, steps: int, device: str) -> list[float]:
+    """``steps`` decode steps of a prefilled GraphedGreedy; the time of each."""
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        decoder.decode(1)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def profile_decoding(args) -> str:
     device, dtype = cli.device_and_dtype(args.device, args.dtype)
     torch.manual_seed(args.seed)
@@ -68,14 +83,25 @@ def profile_decoding(args) -> str:
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     config = model.config
     lines = [f"{Path(args.random_init).stem}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-             f"batch {args.batch}, prompt {args.prompt}, {str(dtype).removeprefix('torch.')}, {device} "
+             f"batch {args.batch}, prompt {args.prompt}, {args.cache} cache, {str(dtype).removeprefix('torch.')}, "
+             f"{device} "
              f"({torch.cuda.get_device_name() if cuda else 'CPU'}), torch {torch.__version__}"]
     for row in rows:
         _select(row)
-        cache, token = prefill(row["net"], prompt)
-        decode_steps(row["net"], cache, token, args.warmup, device)
-        with profile(activities=activities) as profiler:
-            times = decode_steps(row["net"], cache, token, args.steps, device)
+        if args.cache == "static":
+            decoder = GraphedGreedy(row["net"], args.batch, args.prompt + args.warmup + args.steps + 1,
+                                    args.warmup + args.steps + 1)
+            decoder.reset()
+            decoder.prefill(prompt)
+            graphed_steps(decoder, args.warmup, device)
+            with profile(activities=activities) as profiler:
+                times = graphed_steps(decoder, args.steps, device)
+            del decoder
+        else:
+            cache, token = prefill(row["net"], prompt)
+            decode_steps(row["net"], cache, token, args.warmup, device)
+            with profile(activities=activities) as profiler:
+                times = decode_steps(row["net"], cache, token, args.steps, device)
         events = profiler.key_averages()
         launches = sum(e.count for e in events if e.device_type.name == "CUDA") if cuda else sum(
             e.count for e in events if e.key.startswith("aten::"))
@@ -96,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", type=modes, default=["qk"], help="qk, kv or qk,kv")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="static: GraphedGreedy's steps (CUDA graph replays on a GPU), as benchmarks.generate")
     parser.add_argument("--steps", type=int, default=8, help="profiled decode steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps per row")
     parser.add_argument("--rows", type=int, default=20, help="operators per table")

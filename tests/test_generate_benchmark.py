@@ -161,6 +161,9 @@ def test_device_script_dry_run_needs_no_megatron(tmp_path):
         assert result["settings"]["cache"] == ("static" if name.endswith("static") else "dynamic")
         assert result["metadata"]["megatron_core"] is not None  # installed here, yet never imported
     assert "cache bytes equal the prediction" in (out / "generate.log").read_text()
+    for cache in ("static", "dynamic"):
+        profile = (out / f"profile_generate_125m_{cache}.txt").read_text()
+        assert f"{cache} cache" in profile and profile.count("median decode step") == 3
 
 
 def test_plot_is_written(generate_json, tmp_path):

@@ -58,7 +58,7 @@ part() {  # NAME LIMIT_SECONDS: run tools/gpu_check_NAME.sh under its limit, its
 for name in ${PARTS:-train generate analyze}; do
     case $name in
         train) part train "${TRAIN_LIMIT:-380}" ;;
-        generate) part generate "${GENERATE_LIMIT:-380}" ;;
+        generate) part generate "${GENERATE_LIMIT:-390}" ;;
         analyze) part analyze "${ANALYZE_LIMIT:-180}" ;;
         convert) part convert "${CONVERT_LIMIT:-420}" ;;  # not by default: 8B-sized conversion, CPUs and disk
         *) echo "unknown part $name (train, generate, analyze, convert)" >&2 && status=1 ;;

@@ -9,14 +9,15 @@
 #   2. generate(), batch 32 and 1 x prompt 2048 and 512, the paper's case first
 #      (OUT/generate_<preset>.json, rewritten after every case, so a run cut short keeps what it
 #      measured).
-#   3. OUT/profile_generate_125m.txt (benchmarks/profile_generate.py: the operators of a generate()
-#      decode step, 45 s at most; PROFILE_DECODE=0 skips it). Everything printed: OUT/generate.log.
+#   3. OUT/profile_generate_125m_{static,dynamic}.txt (benchmarks/profile_generate.py: the kernels
+#      of a graphed step, the operators of a generate() step, 30 s at most each; PROFILE_DECODE=0
+#      skips them). Everything printed: OUT/generate.log.
 #
 #   bash tools/gpu_check_generate.sh OUT
 #   EPAS_GENERATE_DRY_RUN=1 bash tools/gpu_check_generate.sh OUT   # the same steps, tiny, on the CPU
 #
 # Time: each run starts no new case after its budget (--time-budget) and is stopped by `timeout`
-# after its cap; the caps add up to 365 s. On an H200 the first generate() case (batch 32, prompt
+# after its cap; the caps add up to 380 s. On an H200 the first generate() case (batch 32, prompt
 # 2048) took about 75 s at 125M and 120 s at 1.1B, so the budgets keep to it there.
 set -euo pipefail
 
@@ -64,10 +65,13 @@ for spec in "llama_125m static 20 45" "tinyllama_1.1b static 30 75" "llama_125m 
         [[ $cache == static ]] || break
     done
 done
-# where a 125M decode step's time goes (the case below the paper's gain): LLaMA, EPAS 0%, qk 50%
+# where a 125M decode step's time goes (the case below the paper's gain): LLaMA, EPAS 0%, qk 50%, with
+# generate()'s steps and with the CUDA graphs' kernels
 if [[ ${PROFILE_DECODE:-1} == 1 ]]; then
-    timeout 45 "$python" -m benchmarks.profile_generate --random-init configs/llama_125m.yaml --sharing 0.5 \
-        --mode qk "${profile[@]}" --output "$out/profile_generate_125m.txt" "${shrink[@]}" \
-        > /dev/null 2>> "$out/generate.log" || status=1
+    for cache in static dynamic; do
+        timeout 30 "$python" -m benchmarks.profile_generate --random-init configs/llama_125m.yaml --sharing 0.5 \
+            --mode qk --cache "$cache" "${profile[@]}" --output "$out/profile_generate_125m_$cache.txt" \
+            "${shrink[@]}" > /dev/null 2>> "$out/generate.log" || status=1
+    done
 fi
 exit "$status"
