@@ -308,27 +308,28 @@ def _attention_mask(attention_mask, query_length: int, past_length: int, device)
             attention_mask = None
     if attention_mask is None and (past_length == 0 or query_length == 1):
         return None, query_length > 1
-    query_positions = torch.arange(past_length, key_length, device=device)[:, None]
-    key_positions = torch.arange(key_length, device=device)[None, :]
-    allowed = (key_positions <= query_positions)[None, None]
-    if attention_mask is not None:
-        # a padding query's row is then all-masked: SDPA (torch >= 2.5) returns zeros there, no NaN
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-    return allowed, False
+    return _allowed_keys(torch.arange(past_length, key_length, device=device), key_length, attention_mask), False
 
 
 def _static_attention_mask(attention_mask, slots: torch.Tensor, max_length: int) -> torch.Tensor:
-    """Boolean [batch, 1, query, max_length] mask over a static cache: each query attends to the slots up to its
-    own, and, with a 2D padding mask [batch, tokens so far] (0 = padding), to no padding."""
-    allowed = (torch.arange(max_length, device=slots.device) <= slots[:, None])[None, None]
+    """The mask over a static cache's `max_length` slots for queries written at `slots`, with an optional 2D
+    padding mask [batch, tokens so far]."""
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] > max_length):
+        raise ValueError(
+            f"attention_mask must be [batch, tokens so far] with at most the static cache's {max_length} tokens, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return _allowed_keys(slots, max_length, attention_mask)
+
+
+def _allowed_keys(query_positions: torch.Tensor, key_length: int, attention_mask) -> torch.Tensor:
+    """Boolean [batch, 1, query, key_length] (True = attend): each query attends to the keys up to its own
+    position and, with a 2D padding mask (0 = padding), to no padding. A mask shorter than `key_length` (a static
+    cache's slots not written yet) is extended with ones: causality masks those keys already. A padding query's row
+    is all-masked: SDPA (torch >= 2.5) returns zeros there, no NaN."""
+    allowed = (torch.arange(key_length, device=query_positions.device) <= query_positions[:, None])[None, None]
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[-1] > max_length:
-            raise ValueError(
-                f"attention_mask must be [batch, tokens so far] with at most the static cache's {max_length} tokens, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        # slots after the mask's end are written later, and causality already masks them
-        padding = F.pad(attention_mask.bool(), (0, max_length - attention_mask.shape[-1]), value=True)
+        padding = F.pad(attention_mask.bool(), (0, key_length - attention_mask.shape[-1]), value=True)
         allowed = allowed & padding[:, None, None, :]
     return allowed
 
