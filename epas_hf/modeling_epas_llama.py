@@ -599,6 +599,25 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """generate()'s hook for the cache it builds: `cache_implementation="static"` gets an EpasStaticCache sized
+        for the call; the default and "dynamic" get the caches generate() makes, which forward() replaces with an
+        EpasCache; other implementations (offloaded, quantized, sliding) are refused rather than silently ignored."""
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"EpasLlama supports cache_implementation None, 'dynamic' or 'static', got {implementation!r}: "
+                "the other caches do not know which layers hold keys and values"
+            )
+        if implementation == "static" and generation_config.use_cache and model_kwargs.get(CACHE_KEYWORD) is None:
+            copies = max(generation_config.num_beams, generation_config.num_return_sequences)
+            model_kwargs[CACHE_KEYWORD] = self.new_static_cache(copies * batch_size, max_cache_length)
+        else:  # generate()'s own checks, such as a cache passed together with cache_implementation
+            super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -61,6 +61,38 @@ def test_generate_with_a_static_cache_equals_the_dynamic_cache(mode):
     assert cache_of(output) is static and int(static.get_seq_length()) == 8
 
 
+@pytest.mark.parametrize("search", [{}, {"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2}])
+def test_generate_builds_a_static_cache_when_asked(search):
+    """cache_implementation="static" gets an EpasStaticCache for every copy of the left-padded batch (beams,
+    returned sequences), as long as the prompt and the tokens fed back; it decodes what the dynamic cache does."""
+    model = epas_model(2, [2, 3], "qk").eval()
+    ids = tokens(2, 5)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    dynamic = greedy(model, ids, mask, new_tokens=4, **search)
+    output = greedy(model, ids, mask, new_tokens=4, cache_implementation="static", **search)
+    assert torch.equal(output.sequences, dynamic.sequences)
+    assert all(frobenius_error(a, b) < 1e-5 for a, b in zip(output.logits, dynamic.logits))
+    cache = cache_of(output)
+    copies = max(search.get("num_beams", 1), search.get("num_return_sequences", 1))
+    assert isinstance(cache, EpasStaticCache) and cache.layout == ((2, 3), "qk")
+    assert cache.layers[0].key_buffer.shape[0] == 2 * copies and cache.max_length == int(cache.filled) == 5 + 4 - 1
+
+
+@pytest.mark.parametrize("implementation", ["offloaded", "quantized", "offloaded_static", "sliding_window"])
+def test_generate_refuses_caches_that_do_not_know_the_sharing_layout(implementation):
+    model = epas_model(2, [3], "kv").eval()
+    with pytest.raises(ValueError, match=f"None, 'dynamic' or 'static', got '{implementation}'"):
+        greedy(model, tokens(1, 4), new_tokens=2, cache_implementation=implementation)
+
+
+def test_generate_still_refuses_a_cache_together_with_cache_implementation():
+    model = epas_model(2, [3], "qk").eval()
+    with pytest.raises(ValueError, match="cache_implementation"):
+        greedy(model, tokens(1, 4), new_tokens=2, cache_implementation="static",
+               **{CACHE_KEYWORD: model.new_static_cache(1, 5)})
+
+
 def test_buffers_keep_their_size_and_addresses_and_hold_the_layout():
     """qk sharing layers hold V only, every buffer is max_length long from the start and is written in place;
     crop and reset move only the count, and a reset cache decodes a new prompt as a fresh one."""
