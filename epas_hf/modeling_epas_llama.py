@@ -202,6 +202,12 @@ class EpasStaticCache(EpasCache):
         """Tokens written so far, as a 0-d tensor (like transformers' StaticCache: no read back to the host)."""
         return self.filled
 
+    @property
+    def is_compileable(self) -> bool:
+        """True: generate() compiles the decode steps (on a GPU, or wherever its compile_config says), with the
+        padding mask from `EpasLlamaForCausalLM.create_masks_for_generate`."""
+        return True
+
     def crop(self, length: int) -> None:
         """Drop trailing tokens (same conventions as `EpasLayerCache.crop`); the buffers keep their size."""
         if length < 0:
@@ -602,8 +608,10 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
         """generate()'s hook for the cache it builds: `cache_implementation="static"` gets an EpasStaticCache sized
-        for the call; the default and "dynamic" get the caches generate() makes, which forward() replaces with an
-        EpasCache; other implementations (offloaded, quantized, sliding) are refused rather than silently ignored."""
+        for the call, or for `max_cache_len` tokens where it is set (transformers 5.17 on: calls of different
+        lengths then reuse one compiled graph); the default and "dynamic" get the caches generate() makes, which
+        forward() replaces with an EpasCache; other implementations (offloaded, quantized, sliding) are refused
+        rather than silently ignored."""
         implementation = generation_config.cache_implementation
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
@@ -612,11 +620,21 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
             )
         if implementation == "static" and generation_config.use_cache and model_kwargs.get(CACHE_KEYWORD) is None:
             copies = max(generation_config.num_beams, generation_config.num_return_sequences)
-            model_kwargs[CACHE_KEYWORD] = self.new_static_cache(copies * batch_size, max_cache_length)
+            length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+            model_kwargs[CACHE_KEYWORD] = self.new_static_cache(copies * batch_size, length)
         else:  # generate()'s own checks, such as a cache passed together with cache_implementation
             super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **inputs):
+        """generate()'s hook for the mask of a step with a compileable cache (EpasStaticCache): the 2D padding mask
+        extended with ones to the cache's length, so that every decode step has the same shapes and one compiled
+        graph serves them all; forward() builds the causal mask from it."""
+        if attention_mask is None:
+            return None
+        cache = inputs[CACHE_KEYWORD]
+        return F.pad(attention_mask, (0, cache.max_length - attention_mask.shape[-1]), value=1)
 
     def forward(
         self,

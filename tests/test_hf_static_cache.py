@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import CompileConfig, GenerationConfig
 
 from benchmarks.generate import llama_twin
 from benchmarks.static_decoding import GraphedGreedy
@@ -18,6 +19,17 @@ from tests.model_utils import frobenius_error
 from tests.test_hf_model import cache_of, epas_model, greedy, tokens
 
 HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+
+def graph_counter():
+    """A torch.compile backend that runs each graph as traced, and the list of the graphs it was given."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend, graphs
 
 
 class HostReads(TorchDispatchMode):
@@ -77,6 +89,40 @@ def test_generate_builds_a_static_cache_when_asked(search):
     copies = max(search.get("num_beams", 1), search.get("num_return_sequences", 1))
     assert isinstance(cache, EpasStaticCache) and cache.layout == ((2, 3), "qk")
     assert cache.layers[0].key_buffer.shape[0] == 2 * copies and cache.max_length == int(cache.filled) == 5 + 4 - 1
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_generate_compiles_the_decode_steps_into_one_graph(mode):
+    """With a static cache generate() compiles the decode steps (on a GPU by default; its compile_config says so
+    here): the padding mask it passes has the cache's length, so one graph serves every step, and the tokens and
+    logits are those of the dynamic cache."""
+    backend, graphs = graph_counter()
+    compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    compile_config._compile_all_devices = True  # generate() compiles on accelerators only unless told
+    model = epas_model(2, [2, 3], mode).eval()
+    ids = tokens(2, 5)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    dynamic = greedy(model, ids, mask, new_tokens=6)
+    output = greedy(model, ids, mask, new_tokens=6, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(output.sequences, dynamic.sequences)
+    assert all(frobenius_error(a, b) < 1e-5 for a, b in zip(output.logits, dynamic.logits))
+    assert len(graphs) == 1
+
+
+@pytest.mark.skipif(not hasattr(GenerationConfig(), "max_cache_len"), reason="max_cache_len: transformers >= 5.17")
+def test_calls_of_different_lengths_share_one_graph_with_max_cache_len():
+    backend, graphs = graph_counter()
+    compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    compile_config._compile_all_devices = True
+    model = epas_model(2, [3], "kv").eval()
+    for prompt, new_tokens in ((5, 6), (7, 3)):
+        ids = tokens(2, prompt)
+        dynamic = greedy(model, ids, new_tokens=new_tokens)
+        output = greedy(model, ids, new_tokens=new_tokens, cache_implementation="static", max_cache_len=16,
+                        compile_config=compile_config)
+        assert torch.equal(output.sequences, dynamic.sequences) and cache_of(output).max_length == 16
+    assert len(graphs) == 1
 
 
 @pytest.mark.parametrize("implementation", ["offloaded", "quantized", "offloaded_static", "sliding_window"])
@@ -162,19 +208,14 @@ def test_a_static_cache_is_an_epas_cache_for_the_model():
 def test_decode_steps_compile_into_one_whole_graph(mode):
     """torch.compile(fullgraph=True) of a step: no graph break, and one graph serves every step (the count of
     tokens is a tensor, so no step recompiles); the compiled steps equal the full forward."""
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    backend, graphs = graph_counter()
     model = epas_model(2, [2, 3], mode).eval()
     ids = tokens(2, 8)
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_static_cache(2, 8)
         model(ids[:, :5], past_key_values=cache)
-        step = torch.compile(lambda token: model(token, past_key_values=cache).logits, backend=counting_backend,
+        step = torch.compile(lambda token: model(token, past_key_values=cache).logits, backend=backend,
                              fullgraph=True)
         for position in range(5, 8):
             assert frobenius_error(step(ids[:, position:position + 1]), full[:, position:position + 1]) < 1e-5
