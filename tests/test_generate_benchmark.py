@@ -164,6 +164,8 @@ def test_device_script_dry_run_needs_no_megatron(tmp_path):
     for cache in ("static", "dynamic"):
         profile = (out / f"profile_generate_125m_{cache}.txt").read_text()
         assert f"{cache} cache" in profile and profile.count("median decode step") == 3
+    tests = (out / "static_cache_tests.xml").read_text()  # generate() compiling a static cache, megatron-free
+    assert 'tests="2"' in tests and 'failures="0"' in tests and 'errors="0"' in tests and 'skipped="0"' in tests
 
 
 def test_plot_is_written(generate_json, tmp_path):

@@ -5,6 +5,8 @@ device such a tensor fails the step)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -18,6 +20,7 @@ from epas_hf.modeling_epas_llama import CACHE_KEYWORD
 from tests.model_utils import frobenius_error
 from tests.test_hf_model import cache_of, epas_model, greedy, tokens
 
+GPU_DEVICE = os.environ.get("EPAS_GPU_TESTS_DEVICE", "cuda")
 HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
 
@@ -108,6 +111,31 @@ def test_generate_compiles_the_decode_steps_into_one_graph(mode):
     assert torch.equal(output.sequences, dynamic.sequences)
     assert all(frobenius_error(a, b) < 1e-5 for a, b in zip(output.logits, dynamic.logits))
     assert len(graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_DEVICE == "cuda" and not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (EPAS_GPU_TESTS_DEVICE=cpu dry-runs it on the CPU, without CUDA graphs)")
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_generate_compiles_a_static_cache_with_its_own_compile_config_on_a_gpu(mode):
+    """What a user gets from generate(cache_implementation="static") on a GPU: its default compile_config
+    (inductor, CUDA graphs), a graph compiled for the decode steps, and the tokens of the dynamic cache."""
+    if GPU_DEVICE == "cuda":
+        compile_config = CompileConfig()  # generate()'s default
+    else:
+        compile_config = CompileConfig(mode="default")  # no CUDA graphs on the CPU
+        compile_config._compile_all_devices = True
+    model = epas_model(2, [2, 3], mode).to(GPU_DEVICE).eval()
+    ids = tokens(2, 5).to(GPU_DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    dynamic = greedy(model, ids, mask, new_tokens=8)
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(2):  # the second call replays what the first compiled
+        output = greedy(model, ids, mask, new_tokens=8, cache_implementation="static", compile_config=compile_config)
+        assert torch.equal(output.sequences, dynamic.sequences)
+        assert all(frobenius_error(a, b) < 1e-4 for a, b in zip(output.logits, dynamic.logits))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before + 1
 
 
 @pytest.mark.skipif(not hasattr(GenerationConfig(), "max_cache_len"), reason="max_cache_len: transformers >= 5.17")

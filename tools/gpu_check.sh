@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check of the project, sized for one lent GPU without Transformer Engine, apex or network:
 # the environment, then tools/gpu_check_train.sh (GPU tests, training benchmark, profile; about 6
-# minutes on an H200), tools/gpu_check_generate.sh (decoding benchmark, about 5 minutes) and
+# minutes on an H200), tools/gpu_check_generate.sh (decoding benchmark and tests, 8 minutes at most) and
 # tools/gpu_check_analyze.sh (the sharing analyzer's GPU tests, about 2 minutes), each under its own
 # time limit. One device call runs 10 minutes at most: pick the parts with PARTS.
 # Results land in OUTPUT_DIR/{train,generate,analyze} with one log each, and OUTPUT_DIR/results.tgz holds them all.
 # Where $PYTHON cannot import megatron-core, the wheels in .whl/ (megatron-core's) go into a private folder first.
 #
-#   tools/gpu_check.sh OUTPUT_DIR                 # train, generate, analyze: about 13 minutes
-#   PARTS="generate analyze" tools/gpu_check.sh OUTPUT_DIR   # the decoding checks and the analyzer's, 9.5 minutes at most
+#   tools/gpu_check.sh OUTPUT_DIR                 # train, generate, analyze: 17 minutes at most (two calls)
+#   PARTS=generate tools/gpu_check.sh OUTPUT_DIR  # the decoding checks, 8 minutes at most: one device call
+#   PARTS=analyze tools/gpu_check.sh OUTPUT_DIR   # the analyzer's, 3 minutes at most: the next call
 #   PYTHON=.venv/bin/python TRAIN_LIMIT=600 PARTS=train tools/gpu_check.sh out/h100
 #   PARTS=convert tools/gpu_check.sh OUTPUT_DIR   # checkpoint conversion at 8B size (tools/gpu_check_convert.sh)
 set -uo pipefail
@@ -58,7 +59,7 @@ part() {  # NAME LIMIT_SECONDS: run tools/gpu_check_NAME.sh under its limit, its
 for name in ${PARTS:-train generate analyze}; do
     case $name in
         train) part train "${TRAIN_LIMIT:-380}" ;;
-        generate) part generate "${GENERATE_LIMIT:-390}" ;;
+        generate) part generate "${GENERATE_LIMIT:-480}" ;;
         analyze) part analyze "${ANALYZE_LIMIT:-180}" ;;
         convert) part convert "${CONVERT_LIMIT:-420}" ;;  # not by default: 8B-sized conversion, CPUs and disk
         *) echo "unknown part $name (train, generate, analyze, convert)" >&2 && status=1 ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Decoding on one GPU in about 5 minutes: the transformers EPAS model at sharing 0/25/50% in qk
+# Decoding on one GPU in 8 minutes at most: the transformers EPAS model at sharing 0/25/50% in qk
 # and kv mode beside transformers' LlamaForCausalLM on the same random weights, bf16, SDPA, 128 new
 # tokens, for the 125M and the TinyLlama 1.1B shapes. Needs torch, transformers and pyyaml only (no
 # megatron-core), run from the repository root, no network.
@@ -11,13 +11,16 @@
 #      measured).
 #   3. OUT/profile_generate_125m_{static,dynamic}.txt (benchmarks/profile_generate.py: the kernels
 #      of a graphed step, the operators of a generate() step, 30 s at most each; PROFILE_DECODE=0
-#      skips them). Everything printed: OUT/generate.log.
+#      skips them).
+#   4. generate(cache_implementation="static") compiled by generate() itself (inductor, CUDA graphs)
+#      gives the dynamic cache's tokens: the GPU tests of tests/test_hf_static_cache.py, 90 s at most
+#      (OUT/static_cache_tests.xml). Everything printed: OUT/generate.log.
 #
 #   bash tools/gpu_check_generate.sh OUT
 #   EPAS_GENERATE_DRY_RUN=1 bash tools/gpu_check_generate.sh OUT   # the same steps, tiny, on the CPU
 #
 # Time: each run starts no new case after its budget (--time-budget) and is stopped by `timeout`
-# after its cap; the caps add up to 380 s. On an H200 the first generate() case (batch 32, prompt
+# after its cap; the caps add up to 470 s. On an H200 the first generate() case (batch 32, prompt
 # 2048) took about 75 s at 125M and 120 s at 1.1B, so the budgets keep to it there.
 set -euo pipefail
 
@@ -74,4 +77,8 @@ if [[ ${PROFILE_DECODE:-1} == 1 ]]; then
             "${shrink[@]}" > /dev/null 2>> "$out/generate.log" || status=1
     done
 fi
+echo "== generate() compiling a static cache" | tee -a "$out/generate.log"
+[[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]] && export EPAS_GPU_TESTS_DEVICE=cpu
+timeout --kill-after 10 90 "$python" -m pytest -q -m gpu -rfEs -p no:cacheprovider --junitxml \
+    "$out/static_cache_tests.xml" tests/test_hf_static_cache.py 2>&1 | tee -a "$out/generate.log" || status=1
 exit "$status"
