@@ -410,6 +410,13 @@ def report(result: dict) -> int:
     return 1 if wrong else 0
 
 
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="dynamic: generate()'s steps, every one launched from Python (default); static: "
+                             "preallocated caches and each decode step replayed from a CUDA graph "
+                             "(benchmarks/static_decoding.py), so that a step costs its kernels' time")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="a Hugging Face folder from convert_checkpoint.py megatron-to-hf")
@@ -428,10 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_ints, default=[1], help="e.g. 1,32")
     parser.add_argument("--prompt", type=positive_ints, default=[512], help="prompt lengths, e.g. 512,2048")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per sequence (at least 2)")
-    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
-                        help="dynamic: generate(), every step launched from Python (default); static: preallocated "
-                             "caches and each decode step replayed from a CUDA graph (benchmarks/static_decoding.py), "
-                             "so that a step costs its kernels' time")
+    add_cache_option(parser)
     cli.add_device_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="for random weights and prompts")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the same generate() calls as the timed ones)")

@@ -15,6 +15,7 @@ attention and matmul time.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.generate import _select, llama_twin, random_model, variants
+from benchmarks.generate import _select, add_cache_option, llama_twin, random_model, variants
 from benchmarks.static_decoding import GraphedGreedy
 from benchmarks.timing import modes, synchronize, write_report
 from epas import cli
@@ -44,30 +45,35 @@ def prefill(net, prompt: torch.Tensor):
     return getattr(output, CACHE_KEYWORD), output.logits[:, -1:].argmax(-1)
 
 
-def decode_steps(net, cache, token: torch.Tensor, steps: int, device: str) -> list[float]:
-    """``steps`` one-token forwards with the cache (greedy); the time of each."""
+def timed_steps(step, count: int, device: str) -> list[float]:
+    """The time of each of ``count`` calls of ``step`` (one decode step each), the device synchronized around it."""
     times = []
-    with torch.no_grad():
-        for _ in range(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            output = net(token, past_key_values=cache, use_cache=True)
-            token = output.logits[:, -1:].argmax(-1)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def graphed_steps(decoder: GraphedGreedy, steps: int, device: str) -> list[float]:
-    """``steps`` decode steps of a prefilled GraphedGreedy; the time of each."""
-    times = []
-    for _ in range(steps):
+    for _ in range(count):
         synchronize(device)
         start = time.perf_counter()
-        decoder.decode(1)
+        step()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def greedy_step(net, cache, token: torch.Tensor):
+    """A one-token forward with the cache, the greedy token fed to the next call: the work of a generate() step."""
+    def step():
+        nonlocal token
+        with torch.no_grad():
+            token = net(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return step
+
+
+def graphed_step(net, prompt: torch.Tensor, steps: int):
+    """One greedy step of a GraphedGreedy prefilled with ``prompt``, with room for ``steps`` steps: on a GPU, the
+    replay of its CUDA graph."""
+    batch, length = prompt.shape
+    decoder = GraphedGreedy(net, batch, length + steps + 1, steps + 1)
+    decoder.reset()
+    decoder.prefill(prompt)
+    return functools.partial(decoder.decode, 1)
 
 
 def profile_decoding(args) -> str:
@@ -89,19 +95,13 @@ def profile_decoding(args) -> str:
     for row in rows:
         _select(row)
         if args.cache == "static":
-            decoder = GraphedGreedy(row["net"], args.batch, args.prompt + args.warmup + args.steps + 1,
-                                    args.warmup + args.steps + 1)
-            decoder.reset()
-            decoder.prefill(prompt)
-            graphed_steps(decoder, args.warmup, device)
-            with profile(activities=activities) as profiler:
-                times = graphed_steps(decoder, args.steps, device)
-            del decoder
+            step = graphed_step(row["net"], prompt, args.warmup + args.steps)
         else:
-            cache, token = prefill(row["net"], prompt)
-            decode_steps(row["net"], cache, token, args.warmup, device)
-            with profile(activities=activities) as profiler:
-                times = decode_steps(row["net"], cache, token, args.steps, device)
+            step = greedy_step(row["net"], *prefill(row["net"], prompt))
+        timed_steps(step, args.warmup, device)
+        with profile(activities=activities) as profiler:
+            times = timed_steps(step, args.steps, device)
+        del step  # and with it the row's cache, before the next row's prefill
         events = profiler.key_averages()
         launches = sum(e.count for e in events if e.device_type.name == "CUDA") if cuda else sum(
             e.count for e in events if e.key.startswith("aten::"))
@@ -122,8 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", type=modes, default=["qk"], help="qk, kv or qk,kv")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=2048)
-    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
-                        help="static: GraphedGreedy's steps (CUDA graph replays on a GPU), as benchmarks.generate")
+    add_cache_option(parser)
     parser.add_argument("--steps", type=int, default=8, help="profiled decode steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps per row")
     parser.add_argument("--rows", type=int, default=20, help="operators per table")
