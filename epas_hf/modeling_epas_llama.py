@@ -631,9 +631,15 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         """generate()'s hook for the mask of a step with a compileable cache (EpasStaticCache): the 2D padding mask
         extended with ones to the cache's length, so that every decode step has the same shapes and one compiled
         graph serves them all; forward() builds the causal mask from it."""
+        cache = inputs[CACHE_KEYWORD]
+        if not isinstance(cache, EpasStaticCache):
+            raise TypeError(
+                f"EpasLlama cannot decode with a {type(cache).__name__}: it does not know which layers hold keys and "
+                "values; for a static cache pass model.new_static_cache(batch, max_length) or "
+                "cache_implementation='static'"
+            )
         if attention_mask is None:
             return None
-        cache = inputs[CACHE_KEYWORD]
         return F.pad(attention_mask, (0, cache.max_length - attention_mask.shape[-1]), value=1)
 
     def forward(

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import CompileConfig, GenerationConfig
+from transformers import CompileConfig, GenerationConfig, StaticCache
 
 from benchmarks.generate import llama_twin
 from benchmarks.static_decoding import GraphedGreedy
@@ -158,6 +158,12 @@ def test_generate_refuses_caches_that_do_not_know_the_sharing_layout(implementat
     model = epas_model(2, [3], "kv").eval()
     with pytest.raises(ValueError, match=f"None, 'dynamic' or 'static', got '{implementation}'"):
         greedy(model, tokens(1, 4), new_tokens=2, cache_implementation=implementation)
+
+
+def test_generate_refuses_transformers_static_cache():
+    model = epas_model(2, [3], "qk").eval()
+    with pytest.raises(TypeError, match="cannot decode with a StaticCache.*new_static_cache"):
+        greedy(model, tokens(1, 4), new_tokens=2, **{CACHE_KEYWORD: StaticCache(config=model.config, max_cache_len=8)})
 
 
 def test_generate_still_refuses_a_cache_together_with_cache_implementation():

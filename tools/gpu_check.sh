@@ -7,7 +7,7 @@
 # Results land in OUTPUT_DIR/{train,generate,analyze} with one log each, and OUTPUT_DIR/results.tgz holds them all.
 # Where $PYTHON cannot import megatron-core, the wheels in .whl/ (megatron-core's) go into a private folder first.
 #
-#   tools/gpu_check.sh OUTPUT_DIR                 # train, generate, analyze: 17 minutes at most (two calls)
+#   tools/gpu_check.sh OUTPUT_DIR                 # train, generate, analyze: 17 minutes at most, not one device call
 #   PARTS=generate tools/gpu_check.sh OUTPUT_DIR  # the decoding checks, 8 minutes at most: one device call
 #   PARTS=analyze tools/gpu_check.sh OUTPUT_DIR   # the analyzer's, 3 minutes at most: the next call
 #   PYTHON=.venv/bin/python TRAIN_LIMIT=600 PARTS=train tools/gpu_check.sh out/h100

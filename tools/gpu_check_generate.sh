@@ -78,7 +78,9 @@ if [[ ${PROFILE_DECODE:-1} == 1 ]]; then
     done
 fi
 echo "== generate() compiling a static cache" | tee -a "$out/generate.log"
-[[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]] && export EPAS_GPU_TESTS_DEVICE=cpu
+if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
+    export EPAS_GPU_TESTS_DEVICE=cpu
+fi
 timeout --kill-after 10 90 "$python" -m pytest -q -m gpu -rfEs -p no:cacheprovider --junitxml \
     "$out/static_cache_tests.xml" tests/test_hf_static_cache.py 2>&1 | tee -a "$out/generate.log" || status=1
 exit "$status"
