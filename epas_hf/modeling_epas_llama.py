@@ -610,15 +610,22 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         """generate()'s hook for the cache it builds: `cache_implementation="static"` gets an EpasStaticCache sized
         for the call, or for `max_cache_len` tokens where it is set (transformers 5.17 on: calls of different
         lengths then reuse one compiled graph); the default and "dynamic" get the caches generate() makes, which
-        forward() replaces with an EpasCache; other implementations (offloaded, quantized, sliding) are refused
-        rather than silently ignored."""
+        forward() replaces with an EpasCache; other implementations (offloaded, quantized, sliding) and a static
+        cache of transformers' own are refused rather than silently replaced."""
         implementation = generation_config.cache_implementation
+        given = model_kwargs.get(CACHE_KEYWORD)
+        if isinstance(given, Cache) and given.is_compileable and not isinstance(given, EpasStaticCache):
+            raise TypeError(
+                f"EpasLlama cannot decode with a {type(given).__name__}: it does not know which layers hold keys and "
+                "values; for a static cache pass model.new_static_cache(batch, max_length) or "
+                "cache_implementation='static'"
+            )
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"EpasLlama supports cache_implementation None, 'dynamic' or 'static', got {implementation!r}: "
                 "the other caches do not know which layers hold keys and values"
             )
-        if implementation == "static" and generation_config.use_cache and model_kwargs.get(CACHE_KEYWORD) is None:
+        if implementation == "static" and generation_config.use_cache and given is None:
             copies = max(generation_config.num_beams, generation_config.num_return_sequences)
             length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
             model_kwargs[CACHE_KEYWORD] = self.new_static_cache(copies * batch_size, length)
@@ -631,15 +638,9 @@ class EpasLlamaForCausalLM(EpasLlamaPreTrainedModel, GenerationMixin):
         """generate()'s hook for the mask of a step with a compileable cache (EpasStaticCache): the 2D padding mask
         extended with ones to the cache's length, so that every decode step has the same shapes and one compiled
         graph serves them all; forward() builds the causal mask from it."""
-        cache = inputs[CACHE_KEYWORD]
-        if not isinstance(cache, EpasStaticCache):
-            raise TypeError(
-                f"EpasLlama cannot decode with a {type(cache).__name__}: it does not know which layers hold keys and "
-                "values; for a static cache pass model.new_static_cache(batch, max_length) or "
-                "cache_implementation='static'"
-            )
         if attention_mask is None:
             return None
+        cache = inputs[CACHE_KEYWORD]
         return F.pad(attention_mask, (0, cache.max_length - attention_mask.shape[-1]), value=1)
 
     def forward(

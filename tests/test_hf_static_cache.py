@@ -162,8 +162,10 @@ def test_generate_refuses_caches_that_do_not_know_the_sharing_layout(implementat
 
 def test_generate_refuses_transformers_static_cache():
     model = epas_model(2, [3], "qk").eval()
-    with pytest.raises(TypeError, match="cannot decode with a StaticCache.*new_static_cache"):
-        greedy(model, tokens(1, 4), new_tokens=2, **{CACHE_KEYWORD: StaticCache(config=model.config, max_cache_len=8)})
+    for mask in (None, torch.ones(1, 4, dtype=torch.long)):
+        with pytest.raises(TypeError, match="cannot decode with a StaticCache.*new_static_cache"):
+            model.generate(tokens(1, 4), attention_mask=mask, max_new_tokens=2, pad_token_id=0,
+                           **{CACHE_KEYWORD: StaticCache(config=model.config, max_cache_len=8)})
 
 
 def test_generate_still_refuses_a_cache_together_with_cache_implementation():
