@@ -46,7 +46,7 @@ reproduce:
 	$(BIN)/python tools/reproduce.py --output results/reproduction --publish docs
 
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The edit loop: the unit tests without the multi-process and end-to-end runs (marker `slow`).
 test-quick:
