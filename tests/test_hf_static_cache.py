@@ -35,6 +35,21 @@ def graph_counter():
     return backend, graphs
 
 
+def compiling_anywhere(**options) -> CompileConfig:
+    """A compile_config that generate() applies on any device (by default it compiles on accelerators only)."""
+    config = CompileConfig(mode=None, **options)
+    config._compile_all_devices = True
+    return config
+
+
+def left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and their padding mask, the first sequence left-padded by two tokens."""
+    ids = tokens(batch, length)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
 class HostReads(TorchDispatchMode):
     """Counts the operators that copy a tensor's value to the host (int(), bool(), .item(), data-dependent shapes)."""
 
@@ -50,9 +65,7 @@ class HostReads(TorchDispatchMode):
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_prefill_and_steps_equal_the_dynamic_cache_with_left_padding(mode):
     model = epas_model(2, [2, 3], mode).eval()
-    ids = tokens(2, 8)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # the first sequence is left-padded by two tokens
+    ids, mask = left_padded(2, 8)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         static = model.new_static_cache(2, 10)
@@ -81,9 +94,7 @@ def test_generate_builds_a_static_cache_when_asked(search):
     """cache_implementation="static" gets an EpasStaticCache for every copy of the left-padded batch (beams,
     returned sequences), as long as the prompt and the tokens fed back; it decodes what the dynamic cache does."""
     model = epas_model(2, [2, 3], "qk").eval()
-    ids = tokens(2, 5)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
+    ids, mask = left_padded(2, 5)
     dynamic = greedy(model, ids, mask, new_tokens=4, **search)
     output = greedy(model, ids, mask, new_tokens=4, cache_implementation="static", **search)
     assert torch.equal(output.sequences, dynamic.sequences)
@@ -100,12 +111,9 @@ def test_generate_compiles_the_decode_steps_into_one_graph(mode):
     here): the padding mask it passes has the cache's length, so one graph serves every step, and the tokens and
     logits are those of the dynamic cache."""
     backend, graphs = graph_counter()
-    compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
-    compile_config._compile_all_devices = True  # generate() compiles on accelerators only unless told
+    compile_config = compiling_anywhere(fullgraph=True, backend=backend)
     model = epas_model(2, [2, 3], mode).eval()
-    ids = tokens(2, 5)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
+    ids, mask = left_padded(2, 5)
     dynamic = greedy(model, ids, mask, new_tokens=6)
     output = greedy(model, ids, mask, new_tokens=6, cache_implementation="static", compile_config=compile_config)
     assert torch.equal(output.sequences, dynamic.sequences)
@@ -124,12 +132,9 @@ def test_generate_compiles_a_static_cache_with_its_own_compile_config_on_a_gpu(m
         compile_config = CompileConfig()  # generate()'s default
     else:
         # the dry run checks the test's logic: dynamo's graph, without inductor's C++ builds
-        compile_config = CompileConfig(backend="eager", mode=None)
-        compile_config._compile_all_devices = True
+        compile_config = compiling_anywhere(backend="eager")
     model = epas_model(2, [2, 3], mode).to(GPU_DEVICE).eval()
-    ids = tokens(2, 5).to(GPU_DEVICE)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
+    ids, mask = (t.to(GPU_DEVICE) for t in left_padded(2, 5))
     dynamic = greedy(model, ids, mask, new_tokens=8)
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for _ in range(2):  # the second call replays what the first compiled
@@ -142,8 +147,7 @@ def test_generate_compiles_a_static_cache_with_its_own_compile_config_on_a_gpu(m
 @pytest.mark.skipif(not hasattr(GenerationConfig(), "max_cache_len"), reason="max_cache_len: transformers >= 5.17")
 def test_calls_of_different_lengths_share_one_graph_with_max_cache_len():
     backend, graphs = graph_counter()
-    compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
-    compile_config._compile_all_devices = True
+    compile_config = compiling_anywhere(fullgraph=True, backend=backend)
     model = epas_model(2, [3], "kv").eval()
     for prompt, new_tokens in ((5, 6), (7, 3)):
         ids = tokens(2, prompt)
