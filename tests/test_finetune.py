@@ -233,11 +233,12 @@ def test_final_folder_gives_megatron_the_same_logits(workspace, zero3_run):
     assert run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(folder),
                                             "--output", str(workspace / "zero3_megatron")]) == [0]
     expected = {}
-    for sharing in ([3, 4, 5], [5], []):
+    every_sharing = ([3, 4, 5], [5], [])
+    every_logits = _layout_logits([(workspace / "zero3_megatron", sharing) for sharing in every_sharing])
+    for sharing, logits in zip(every_sharing, every_logits, strict=True):
         hf_model.set_sharing_layers(sharing)
         with torch.no_grad():
             expected[len(sharing)] = hf_model(_tokens()).logits
-        logits = _layout_logits(workspace / "zero3_megatron", sharing=sharing)
         assert relative_error(logits, expected[len(sharing)]) < 1e-5, sharing
     assert relative_error(expected[3], expected[0]) > 1e-3  # the set matters, so the comparison could fail
 

@@ -74,22 +74,19 @@ def _convert_worker(rank, argv):
     return convert_checkpoint.main(argv)
 
 
-def _logits_worker(rank, checkpoint, tp, pp, sharing):
-    """Logits of a checkpoint at a TP×PP layout, gathered on the last pipeline stage."""
-    path = checkpointing.resolve(Path(checkpoint))
-    run = from_dict(RunConfig, dist_checkpointing.load_common_state_dict(str(path))["config"])
+def _run_at_layout(checkpoint: Path, tp: int, pp: int) -> RunConfig:
+    run = from_dict(RunConfig, dist_checkpointing.load_common_state_dict(str(checkpoint))["config"])
     run.device, run.spec = "cpu", "local"
     run.parallel.tensor_parallel, run.parallel.pipeline_parallel = tp, pp
     run.parallel.virtual_pipeline = None
-    distributed.initialize(run)
-    model = build_model(
-        run, transformer_config(run),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    checkpointing.load(path, [model], None, run)
-    model.set_sharing_layers(sharing)
-    model.eval()
+    return run
+
+
+def _logits_worker(rank, cases, tp, pp):
+    """Logits of each (checkpoint, sharing layers) case at one TP×PP layout, gathered on the last pipeline stage;
+    one process group serves every case (starting the processes is most of the time)."""
+    paths = [checkpointing.resolve(Path(checkpoint)) for checkpoint, _ in cases]
+    distributed.initialize(_run_at_layout(paths[0], tp, pp))
     tokens = _tokens()
 
     def forward_step(data_iterator, model):
@@ -102,52 +99,79 @@ def _logits_worker(rank, checkpoint, tp, pp, sharing):
 
         return output, collect
 
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=model,
-            num_microbatches=1, seq_length=model.p2p_seq_length(SEQ), micro_batch_size=tokens.shape[0],
-            forward_only=True,
-        )
     last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    every_logits = []
+    for path, (_, sharing) in zip(paths, cases, strict=True):
+        run = _run_at_layout(path, tp, pp)
+        model = build_model(
+            run, transformer_config(run),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        checkpointing.load(path, [model], None, run)
+        model.set_sharing_layers(sharing)
+        model.eval()
+        with torch.no_grad():
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([tokens]), model=model,
+                num_microbatches=1, seq_length=model.p2p_seq_length(SEQ), micro_batch_size=tokens.shape[0],
+                forward_only=True,
+            )
+        if last:
+            every_logits.append(outputs[0]["logits"])
     distributed.shutdown()
-    return outputs[0]["logits"] if last else None
+    return every_logits if last else None
 
 
-def _layout_logits(checkpoint, tp=1, pp=1, sharing=()):
-    results = run_workers(_logits_worker, tp * pp, str(checkpoint), tp, pp, tuple(sharing))
-    (logits,) = [r for r in results if r is not None]
-    return logits
+def _layout_logits(cases, tp=1, pp=1) -> list[torch.Tensor]:
+    """The logits of each (checkpoint, sharing layers) in ``cases`` at TP=``tp`` × PP=``pp``, in one launch."""
+    results = run_workers(_logits_worker, tp * pp, [(str(path), tuple(sharing)) for path, sharing in cases], tp, pp)
+    (every_logits,) = [r for r in results if r is not None]
+    return every_logits
+
+
+def _convert_each_worker(rank, every_argv):
+    """Several conversions in one process, one after the other (each starts and ends its own process group)."""
+    return [convert_checkpoint.main(argv) for argv in every_argv]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("groups, tied", [(2, False), (2, True)], ids=["gqa-untied", "gqa-tied"])
-def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path, groups, tied):
-    """Llama 3.2 in miniature, from sharded safetensors: the converted model at TP=1 and TP=2×PP=2, and its
-    export (sharded again), give transformers' logits."""
+def test_hf_to_megatron_equals_transformers_at_tp1_and_tp2_pp2(tmp_path):
+    """Llama 3.2 in miniature (GQA, untied and tied), from sharded safetensors: the converted model at TP=1 and
+    TP=2×PP=2, and its export (sharded again), give transformers' logits. Both variants share each launch."""
     from transformers import AutoModelForCausalLM
 
     from megatron_training.hf_files import HfWeights
 
-    hf_model = _hf_llama(tmp_path / "hf", groups, tied)
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    with torch.no_grad():
-        expected = hf_model(_tokens()).logits
-    assert run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"),
-                                            "--output", str(tmp_path / "ckpt")]) == [0]
-    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
-    assert relative_error(_layout_logits(tmp_path / "ckpt"), expected) < 1e-5
-    assert relative_error(_layout_logits(tmp_path / "ckpt", tp=2, pp=2), expected) < 1e-5
+    variants = {"untied": False, "tied": True}
+    expected = {}
+    for name, tied in variants.items():
+        hf_model = _hf_llama(tmp_path / name / "hf", 2, tied)
+        assert (tmp_path / name / "hf" / "model.safetensors.index.json").is_file()
+        with torch.no_grad():
+            expected[name] = hf_model(_tokens()).logits
+    assert run_workers(_convert_each_worker, 1, [
+        ["hf-to-megatron", "--input", str(tmp_path / name / "hf"), "--output", str(tmp_path / name / "ckpt")]
+        for name in variants]) == [[0, 0]]
+    checkpoints = [(tmp_path / name / "ckpt", ()) for name in variants]
+    for tp, pp in ((1, 1), (2, 2)):
+        for name, logits in zip(variants, _layout_logits(checkpoints, tp, pp), strict=True):
+            assert relative_error(logits, expected[name]) < 1e-5, (name, tp, pp)
 
-    assert run_workers(_convert_worker, 1, ["megatron-to-hf", "--input", str(tmp_path / "ckpt"), "--output",
-                                            str(tmp_path / "export"), "--max-shard-size", "200KB"]) == [0]
-    config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["max_position_embeddings"] == 16384 and config["dtype"] == "float32"
-    exported, original = HfWeights(tmp_path / "export"), HfWeights(tmp_path / "hf")
-    assert len(set(exported.files.values())) > 1 and exported.keys() == original.keys()
-    assert all(torch.equal(exported[name], original[name]) for name in original)
-    export_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True).eval()
-    with torch.no_grad():
-        assert relative_error(export_model(_tokens()).logits, expected) < 1e-5
+    assert run_workers(_convert_each_worker, 1, [
+        ["megatron-to-hf", "--input", str(tmp_path / name / "ckpt"), "--output", str(tmp_path / name / "export"),
+         "--max-shard-size", "200KB"] for name in variants]) == [[0, 0]]
+    for name in variants:
+        assert (tmp_path / name / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+        export = tmp_path / name / "export"
+        config = json.loads((export / "config.json").read_text())
+        assert config["max_position_embeddings"] == 16384 and config["dtype"] == "float32"
+        exported, original = HfWeights(export), HfWeights(tmp_path / name / "hf")
+        assert len(set(exported.files.values())) > 1 and exported.keys() == original.keys()
+        assert all(torch.equal(exported[key], original[key]) for key in original)
+        export_model = AutoModelForCausalLM.from_pretrained(str(export), trust_remote_code=True).eval()
+        with torch.no_grad():
+            assert relative_error(export_model(_tokens()).logits, expected[name]) < 1e-5, name
 
 
 @pytest.mark.slow
@@ -179,9 +203,8 @@ def test_megatron_to_hf_with_sharing_from_tp2_pp2_training(tmp_path):
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
     with torch.no_grad():
         exported = hf_model(_tokens()).logits
-    expected = _layout_logits(tmp_path / "ckpt", sharing=(3, 4, 5))
+    expected, without_sharing = _layout_logits([(tmp_path / "ckpt", (3, 4, 5)), (tmp_path / "ckpt", ())])
     assert relative_error(exported, expected) < 1e-5
-    without_sharing = _layout_logits(tmp_path / "ckpt")
     assert relative_error(without_sharing, expected) > 1e-3  # the comparison sees sharing
 
 
