@@ -10,6 +10,9 @@
 #   tools/gpu_check.sh OUTPUT_DIR                 # train, generate, analyze: 17 minutes at most, not one device call
 #   PARTS=generate tools/gpu_check.sh OUTPUT_DIR  # the decoding checks, 8 minutes at most: one device call
 #   PARTS=analyze tools/gpu_check.sh OUTPUT_DIR   # the analyzer's, 3 minutes at most: the next call
+#   PARTS="analyze generate" GENERATE_LIMIT=400 tools/gpu_check.sh OUTPUT_DIR
+#                                                 # both in one call of under 10 minutes: the limit cuts
+#                                                 # generate()'s rows, which that script runs last
 #   PYTHON=.venv/bin/python TRAIN_LIMIT=600 PARTS=train tools/gpu_check.sh out/h100
 #   PARTS=convert tools/gpu_check.sh OUTPUT_DIR   # checkpoint conversion at 8B size (tools/gpu_check_convert.sh)
 set -uo pipefail

@@ -6,15 +6,16 @@
 #   1. --cache static, batch 32 x prompt 2048 (the paper's Table 5 case): preallocated caches and
 #      each decode step replayed from a CUDA graph, where a step costs its kernels' time
 #      (OUT/generate_<preset>_static.json; run again without the LLaMA anchor if it fails).
-#   2. generate(), batch 32 and 1 x prompt 2048 and 512, the paper's case first
-#      (OUT/generate_<preset>.json, rewritten after every case, so a run cut short keeps what it
-#      measured).
+#   2. generate(cache_implementation="static") compiled by generate() itself (inductor, CUDA graphs)
+#      gives the dynamic cache's tokens: the GPU tests of tests/test_hf_static_cache.py, 90 s at most
+#      (OUT/static_cache_tests.xml).
 #   3. OUT/profile_generate_125m_{static,dynamic}.txt (benchmarks/profile_generate.py: the kernels
 #      of a graphed step, the operators of a generate() step, 30 s at most each; PROFILE_DECODE=0
 #      skips them).
-#   4. generate(cache_implementation="static") compiled by generate() itself (inductor, CUDA graphs)
-#      gives the dynamic cache's tokens: the GPU tests of tests/test_hf_static_cache.py, 90 s at most
-#      (OUT/static_cache_tests.xml). Everything printed: OUT/generate.log.
+#   4. generate(), batch 32 and 1 x prompt 2048 and 512, the paper's case first
+#      (OUT/generate_<preset>.json, rewritten after every case, so a run cut short keeps what it
+#      measured). Last, so that an outer time limit cuts these rows first.
+#   Everything printed: OUT/generate.log.
 #
 #   bash tools/gpu_check_generate.sh OUT
 #   EPAS_GENERATE_DRY_RUN=1 bash tools/gpu_check_generate.sh OUT   # the same steps, tiny, on the CPU
@@ -47,29 +48,39 @@ else
 fi
 
 status=0
-# preset, --cache, --time-budget (s), timeout cap (s)
-for spec in "llama_125m static 20 45" "tinyllama_1.1b static 30 75" "llama_125m dynamic 50 80" \
-            "tinyllama_1.1b dynamic 70 120"; do
-    read -r preset cache budget cap <<<"$spec"
-    if [[ $cache == static ]]; then
-        options=("${static[@]}") json="$out/generate_${preset}_static.json"
-    else
-        options=("${run[@]}") json="$out/generate_$preset.json"
-    fi
-    for anchor in --anchor --no-anchor; do
-        echo "== $preset, $cache cache, $anchor" | tee -a "$out/generate.log"
-        if timeout "$cap" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" --cache "$cache" \
-            --sharing "0,0.25,0.5" --mode "qk,kv" "${options[@]}" --time-budget "$budget" "$anchor" \
-            --json "$json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log"; then
-            break
+decode_rows() {  # CACHE then "PRESET TIME_BUDGET TIMEOUT_CAP" (s) per preset: benchmarks.generate's rows
+    local cache=$1 spec preset budget cap json anchor options
+    shift
+    for spec in "$@"; do
+        read -r preset budget cap <<<"$spec"
+        if [[ $cache == static ]]; then
+            options=("${static[@]}") json="$out/generate_${preset}_static.json"
+        else
+            options=("${run[@]}") json="$out/generate_$preset.json"
         fi
-        status=1
-        # a LlamaForCausalLM step that cannot be captured as a CUDA graph must not cost the EPAS rows
-        [[ $cache == static ]] || break
+        for anchor in --anchor --no-anchor; do
+            echo "== $preset, $cache cache, $anchor" | tee -a "$out/generate.log"
+            if timeout "$cap" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" --cache "$cache" \
+                --sharing "0,0.25,0.5" --mode "qk,kv" "${options[@]}" --time-budget "$budget" "$anchor" \
+                --json "$json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log"; then
+                break
+            fi
+            status=1
+            # a LlamaForCausalLM step that cannot be captured as a CUDA graph must not cost the EPAS rows
+            [[ $cache == static ]] || break
+        done
     done
-done
+}
+
+decode_rows static "llama_125m 20 45" "tinyllama_1.1b 30 75"
+echo "== generate() compiling a static cache" | tee -a "$out/generate.log"
+if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
+    export EPAS_GPU_TESTS_DEVICE=cpu
+fi
+timeout --kill-after 10 90 "$python" -m pytest -q -m gpu -rfEs -p no:cacheprovider --junitxml \
+    "$out/static_cache_tests.xml" tests/test_hf_static_cache.py 2>&1 | tee -a "$out/generate.log" || status=1
 # where a 125M decode step's time goes (the case below the paper's gain): LLaMA, EPAS 0%, qk 50%, with
-# generate()'s steps and with the CUDA graphs' kernels
+# the CUDA graphs' kernels and with generate()'s steps
 if [[ ${PROFILE_DECODE:-1} == 1 ]]; then
     for cache in static dynamic; do
         timeout 30 "$python" -m benchmarks.profile_generate --random-init configs/llama_125m.yaml --sharing 0.5 \
@@ -77,10 +88,5 @@ if [[ ${PROFILE_DECODE:-1} == 1 ]]; then
             "${shrink[@]}" > /dev/null 2>> "$out/generate.log" || status=1
     done
 fi
-echo "== generate() compiling a static cache" | tee -a "$out/generate.log"
-if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
-    export EPAS_GPU_TESTS_DEVICE=cpu
-fi
-timeout --kill-after 10 90 "$python" -m pytest -q -m gpu -rfEs -p no:cacheprovider --junitxml \
-    "$out/static_cache_tests.xml" tests/test_hf_static_cache.py 2>&1 | tee -a "$out/generate.log" || status=1
+decode_rows dynamic "llama_125m 50 80" "tinyllama_1.1b 70 120"
 exit "$status"
