@@ -164,7 +164,8 @@ def test_device_script_dry_run_needs_no_megatron(tmp_path):
     assert "cache bytes equal the prediction" in log
     # the measurements never made on a GPU come first; an outer time limit cuts the generate() rows
     steps = ["== tinyllama_1.1b, static cache", "== generate() compiling a static cache", "== llama_125m, dynamic cache"]
-    assert [log.index(step) for step in steps] == sorted(log.index(step) for step in steps)
+    positions = [log.index(step) for step in steps]
+    assert positions == sorted(positions)
     for cache in ("static", "dynamic"):
         profile = (out / f"profile_generate_125m_{cache}.txt").read_text()
         assert f"{cache} cache" in profile and profile.count("median decode step") == 3

@@ -49,20 +49,18 @@ fi
 
 status=0
 decode_rows() {  # CACHE then "PRESET TIME_BUDGET TIMEOUT_CAP" (s) per preset: benchmarks.generate's rows
-    local cache=$1 spec preset budget cap json anchor options
+    local cache=$1 spec preset budget cap anchor options=("${run[@]}") suffix=""
     shift
+    if [[ $cache == static ]]; then
+        options=("${static[@]}") suffix=_static
+    fi
     for spec in "$@"; do
         read -r preset budget cap <<<"$spec"
-        if [[ $cache == static ]]; then
-            options=("${static[@]}") json="$out/generate_${preset}_static.json"
-        else
-            options=("${run[@]}") json="$out/generate_$preset.json"
-        fi
         for anchor in --anchor --no-anchor; do
             echo "== $preset, $cache cache, $anchor" | tee -a "$out/generate.log"
             if timeout "$cap" "$python" -m benchmarks.generate --random-init "configs/$preset.yaml" --cache "$cache" \
                 --sharing "0,0.25,0.5" --mode "qk,kv" "${options[@]}" --time-budget "$budget" "$anchor" \
-                --json "$json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log"; then
+                --json "$out/generate_$preset$suffix.json" "${shrink[@]}" 2>&1 | tee -a "$out/generate.log"; then
                 break
             fi
             status=1
