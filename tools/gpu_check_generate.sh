@@ -40,6 +40,7 @@ if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
     profile=(--device cpu --dtype float32 --batch 2 --prompt 16 --steps 2 --warmup 1)
     shrink=(model.num_layers=4 model.hidden_size=64 model.num_attention_heads=4 model.ffn_hidden_size=128
             model.vocab_size=512 epas.num_sharing_layers=2)
+    export EPAS_GPU_TESTS_DEVICE=cpu  # the static-cache GPU tests, read by tests/ alone
 else
     static=(--device cuda --dtype bfloat16 --batch 32 --prompt 2048 --new-tokens 128 --warmup 1 --rounds 10)
     run=(--device cuda --dtype bfloat16 --batch "32,1" --prompt "2048,512" --new-tokens 128 --warmup 1 --rounds 5)
@@ -72,9 +73,6 @@ decode_rows() {  # CACHE then "PRESET TIME_BUDGET TIMEOUT_CAP" (s) per preset: b
 
 decode_rows static "llama_125m 20 45" "tinyllama_1.1b 30 75"
 echo "== generate() compiling a static cache" | tee -a "$out/generate.log"
-if [[ ${EPAS_GENERATE_DRY_RUN:-0} == 1 ]]; then
-    export EPAS_GPU_TESTS_DEVICE=cpu
-fi
 timeout --kill-after 10 90 "$python" -m pytest -q -m gpu -rfEs -p no:cacheprovider --junitxml \
     "$out/static_cache_tests.xml" tests/test_hf_static_cache.py 2>&1 | tee -a "$out/generate.log" || status=1
 # where a 125M decode step's time goes (the case below the paper's gain): LLaMA, EPAS 0%, qk 50%, with
