@@ -335,6 +335,24 @@ def check_model_shape(saved: dict, run: RunConfig, path: Path) -> None:
         )
 
 
+# same weights, another function: a model started from them computes differently than the run that trained them
+FUNCTION_KEYS = ("rotary_base", "rope_scaling_factor", "norm_epsilon")
+
+
+def function_changes(saved: dict, run: RunConfig, path: Path) -> list[str]:
+    """Warnings for a weights-only start whose ``run.model`` uses the weights of ``path`` (model config
+    ``saved``) with another RoPE or RMSNorm setting: what a context extension means to do, and a silent
+    loss of quality when a preset's default was left in by mistake."""
+    wanted = to_dict(run.model)
+    return [
+        f"starting from {path}, trained with model.{key}={saved[key]!r}, with model.{key}={wanted[key]!r}: the "
+        "weights are used with another position encoding or normalization. Intended for a context extension; "
+        f"otherwise set model.{key}={saved[key]!r}"
+        for key in FUNCTION_KEYS
+        if key in saved and saved[key] != wanted[key]
+    ]
+
+
 def common_state(path: Path) -> dict:
     """The plain (not sharded) state of checkpoint ``path``: its config, schedules, iteration; read
     only after :func:`verify_checkpoint` has found the folder complete and free of code."""

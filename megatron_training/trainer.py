@@ -233,9 +233,11 @@ class Trainer:
             common = checkpointing.common_state(path)
         else:
             return
-        if resume:
-            for warning in check_resume(common, self.run, path):
-                self.log.warn(warning)
+        warnings = check_resume(common, self.run, path) if resume else checkpointing.function_changes(
+            common["config"]["model"], self.run, path
+        )
+        for warning in warnings:
+            self.log.warn(warning)
         state = checkpointing.load(path, self.models, self.optimizer if resume else None, self.run, common)
         if resume:
             self.iteration = self._last_saved = self._resumed_from = state["iteration"]

@@ -282,7 +282,7 @@ def _continue_worker(rank, run):
 
 
 @pytest.mark.slow
-def test_training_continues_from_a_converted_checkpoint(tmp_path):
+def test_training_continues_from_a_converted_checkpoint(tmp_path, capfd):
     _hf_llama(tmp_path / "hf", 2, False, dtype=torch.bfloat16)
     run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
     stored = dist_checkpointing.load_tensors_metadata(str(tmp_path / "ckpt" / "iter_0000000"))
@@ -294,9 +294,19 @@ def test_training_continues_from_a_converted_checkpoint(tmp_path):
               "optimizer.warmup_steps=1", "training.eval_interval=0", f"checkpoint.load={tmp_path / 'ckpt'}"]
     refused = load_config(TINY, shape + common + [f"checkpoint.dir={tmp_path / 'a'}"])
     assert "holds weights only" in run_workers(_continue_worker, 1, refused)[0]
-    run = load_config(TINY, shape + common + [f"checkpoint.dir={tmp_path / 'b'}", "checkpoint.load_optimizer=false"])
+    start = common + ["checkpoint.load_optimizer=false"]
+    run = load_config(TINY, shape + start + [f"checkpoint.dir={tmp_path / 'b'}"])
+    capfd.readouterr()
     assert run_workers(_continue_worker, 1, run) == [2]
     assert checkpointing.latest_iteration(tmp_path / "b") == 2
+    assert "another position encoding" not in capfd.readouterr().err
+
+    # a preset's plain RoPE left in by mistake: trains, and says which setting differs from the weights'
+    plain_rope = load_config(TINY, [*shape[:-3], *start, f"checkpoint.dir={tmp_path / 'c'}"])
+    assert run_workers(_continue_worker, 1, plain_rope) == [2]
+    warned = capfd.readouterr().err
+    assert "trained with model.rotary_base=500000.0, with model.rotary_base=10000.0" in warned
+    assert "model.rope_scaling_factor=32" in warned and "norm_epsilon" not in warned
 
 
 # --- token ids of the export ------------------------------------------------------------------------
