@@ -60,12 +60,17 @@ STAGING, SET_ASIDE = "tmp", "old"
 SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _single_process(run: RunConfig) -> RunConfig:
-    """The same model as one CPU process with the local spec: any layout's checkpoint maps onto it."""
+@contextmanager
+def _single_process(run: RunConfig) -> Iterator[RunConfig]:
+    """The same model as one CPU process with the local spec: any layout's checkpoint maps onto it. The
+    process group ends with the block, also on an error, so a caller can convert again in the same process."""
     run.device, run.spec = "cpu", "local"
     run.parallel = ParallelConfig()
     distributed.initialize(run)
-    return run
+    try:
+        yield run
+    finally:
+        distributed.shutdown()
 
 
 def _load_tokenizer(folder: Path, vocab_size: int):
@@ -92,21 +97,22 @@ def hf_to_megatron_checkpoint(source: Path, output: Path, overwrite: bool = Fals
     first = next(weights)  # the embedding: its rows are checked and its dtype known before any other work
     weights = itertools.chain([first], weights)
     with _staged_output(output, overwrite, reads=[source]) as staging:
-        run = _single_process(RunConfig(model=model))
-        megatron_model = _empty_model(run, cli.DTYPES[dtype] if dtype else first[1].dtype)
-        state = {name: tensor for name, tensor in megatron_model.state_dict().items() if tensor is not None}
-        missing = sorted(set(state) - {pair.megatron for pair in weight_pairs(model)})
-        if missing:
-            raise ConfigError(f"no Hugging Face weights for {missing[:5]}")
-        with torch.no_grad(), Progress("hf-to-megatron", state.values()) as progress:
-            for name, tensor in weights:
-                if state[name].shape != tensor.shape:
-                    raise ConfigError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(state[name].shape)}")
-                state[name].copy_(tensor)
-                progress.update(state[name])
-            progress.phase(f"writing {output.name}/iter_0000000 (torch_dist)")
-            saved = checkpointing.save(staging, 0, [megatron_model], None, {"weights_only": True}, run)
-        distributed.shutdown()
+        with _single_process(RunConfig(model=model)) as run:
+            megatron_model = _empty_model(run, cli.DTYPES[dtype] if dtype else first[1].dtype)
+            state = {name: tensor for name, tensor in megatron_model.state_dict().items() if tensor is not None}
+            missing = sorted(set(state) - {pair.megatron for pair in weight_pairs(model)})
+            if missing:
+                raise ConfigError(f"no Hugging Face weights for {missing[:5]}")
+            with torch.no_grad(), Progress("hf-to-megatron", state.values()) as progress:
+                for name, tensor in weights:
+                    if state[name].shape != tensor.shape:
+                        raise ConfigError(
+                            f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(state[name].shape)}"
+                        )
+                    state[name].copy_(tensor)
+                    progress.update(state[name])
+                progress.phase(f"writing {output.name}/iter_0000000 (torch_dist)")
+                saved = checkpointing.save(staging, 0, [megatron_model], None, {"weights_only": True}, run)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
     path = output / saved.relative_to(staging)
@@ -152,11 +158,10 @@ def megatron_to_hf_checkpoint(
             scheduler = SharingScheduler(run.model.num_layers, run.epas)
             scheduler.load_state_dict(common["epas_scheduler"])
             trained = scheduler.current
-        run = _single_process(run)
-        stored = dist_checkpointing.load_tensors_metadata(str(path))["embedding.word_embeddings.weight"].dtype
-        megatron_model = _empty_model(run, stored)
-        checkpointing.load(path, [megatron_model], None, run, common)
-        distributed.shutdown()
+        with _single_process(run) as run:
+            stored = dist_checkpointing.load_tensors_metadata(str(path))["embedding.word_embeddings.weight"].dtype
+            megatron_model = _empty_model(run, stored)
+            checkpointing.load(path, [megatron_model], None, run, common)
 
         config = EpasLlamaConfig(
             **hf_config_from_model(run.model, trained if sharing_layers is None else sharing_layers, run.epas.mode,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -262,10 +263,31 @@ def _export_layer_zero_worker(rank, checkpoint, output):
     return convert_checkpoint.main(["megatron-to-hf", "--input", checkpoint, "--output", output, "--sharing-layers", "0,3"])
 
 
+def _convert_after_a_failure_worker(rank, broken, source, output):
+    """A conversion that fails with the process group up, then a good one in the same process."""
+    failed = convert_checkpoint.main(["hf-to-megatron", "--input", broken, "--output", f"{output}.broken"])
+    left_up = torch.distributed.is_initialized() or parallel_state.model_parallel_is_initialized()
+    return failed, left_up, convert_checkpoint.main(["hf-to-megatron", "--input", source, "--output", output])
+
+
+def _with_a_misshapen_norm(source: Path, broken: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, broken)
+    (shard,) = [path for path in broken.glob("*.safetensors") if "model.norm.weight" in load_file(path)]
+    tensors = load_file(shard)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
 @pytest.mark.slow
-def test_checkpoint_shape_and_sharing_set_errors(tmp_path):
+def test_checkpoint_shape_and_sharing_set_errors(tmp_path, capfd):
     _hf_llama(tmp_path / "hf", 4, False)
-    run_workers(_convert_worker, 1, ["hf-to-megatron", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
+    _with_a_misshapen_norm(tmp_path / "hf", tmp_path / "broken")
+    converted = run_workers(_convert_after_a_failure_worker, 1, str(tmp_path / "broken"), str(tmp_path / "hf"),
+                            str(tmp_path / "ckpt"))
+    assert converted == [(2, False, 0)]  # the failed conversion ended its process group
+    assert "decoder.final_layernorm.weight: shape (63,) does not fit (64,)" in capfd.readouterr().err
     (message,) = run_workers(_load_into_other_shape_worker, 1, str(tmp_path / "ckpt"))
     assert "holds another model shape" in message and "model.hidden_size=64 (run: 96)" in message
     assert run_workers(_export_layer_zero_worker, 1, str(tmp_path / "ckpt"), str(tmp_path / "out")) == [2]
