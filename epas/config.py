@@ -186,7 +186,8 @@ class OptimizerConfig:
     clip_grad: NonNegative = 1.0  # gradient-norm clipping (0: off)
     use_distributed_optimizer: bool = False  # shard optimizer states over data parallelism (ZeRO-1)
     # pretrain_epas.py on resume: take lr, min_lr, warmup_steps, decay_style, weight_decay, Adam betas, eps from this
-    # config (and re-plan the decay over training.train_steps) instead of refusing changed values
+    # config (and re-plan the decay over training.train_steps) instead of refusing changed values; finetune_epas.py
+    # refuses it (a Trainer resume keeps the checkpoint's optimizer settings)
     override_on_resume: bool = False
 
     def validate(self) -> None:

@@ -17,18 +17,24 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from epas.config import LoggingConfig
+from epas.config import LoggingConfig, OptimizerConfig
+from epas.errors import ConfigError
 from epas.scheduler import SharingScheduler
 from epas.trackers import TensorBoardTracker
 
 SCHEDULE_FILE = "epas_schedule.json"
+# what a resumed Trainer takes from its checkpoint whatever the config says: the optimizer's groups (rate, weight
+# decay, Adam's betas and eps) and the LR scheduler's base rate
+RESTORED_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
 
 
 class EpasScheduleCallback(TrainerCallback):
-    """Sets the model's sharing set before every optimizer step, logs its size and saves the schedule."""
+    """Sets the model's sharing set before every optimizer step, logs its size and saves the schedule, with the
+    optimizer settings a resume restores from the checkpoint (so a resume can tell when they were changed)."""
 
-    def __init__(self, model, scheduler: SharingScheduler):
+    def __init__(self, model, scheduler: SharingScheduler, optimizer: OptimizerConfig):
         self.model, self.scheduler = model, scheduler
+        self.optimizer_settings = {key: getattr(optimizer, key) for key in RESTORED_OPTIMIZER_SETTINGS}
 
     def _apply(self, completed_steps: int) -> None:
         self.scheduler.completed_steps = completed_steps
@@ -58,7 +64,8 @@ class EpasScheduleCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            (folder / SCHEDULE_FILE).write_text(json.dumps(self.scheduler.state_dict(), indent=2) + "\n")
+            state = self.scheduler.state_dict() | {"optimizer": self.optimizer_settings}
+            (folder / SCHEDULE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
 class SaveAndStopCallback(TrainerCallback):
@@ -94,9 +101,21 @@ class SaveAndStopCallback(TrainerCallback):
                 print(f"{reason}: saving at step {state.global_step} and stopping", flush=True)
 
 
-def check_resumed_schedule(checkpoint: str | Path, scheduler: SharingScheduler) -> None:
-    """Refuse to resume a Trainer checkpoint saved with other EPAS settings (ConfigError names the fix)."""
-    scheduler.load_state_dict(json.loads((Path(checkpoint) / SCHEDULE_FILE).read_text()))
+def check_resumed_schedule(checkpoint: str | Path, scheduler: SharingScheduler, optimizer: OptimizerConfig) -> None:
+    """Refuse to resume a Trainer checkpoint saved with other EPAS settings, or with optimizer settings the
+    checkpoint would silently restore over the config's (ConfigError names the fix)."""
+    state = json.loads((Path(checkpoint) / SCHEDULE_FILE).read_text())
+    scheduler.load_state_dict(state)
+    saved = state.get("optimizer", {})  # absent from checkpoints of earlier versions
+    changed = [f"optimizer.{key}={getattr(optimizer, key)!r} (checkpoint: {saved[key]!r})"
+               for key in RESTORED_OPTIMIZER_SETTINGS if key in saved and saved[key] != getattr(optimizer, key)]
+    if changed:
+        raise ConfigError(
+            f"resuming {checkpoint} with another {', '.join(changed)}: the Trainer restores the optimizer and its "
+            "learning rate from the checkpoint, so the new values would be silently ignored. Drop these overrides, "
+            f"or train on with them as a new run from the checkpoint's weights (model={checkpoint}, a new "
+            "training.output_dir, data.tokenizer=the tokenizer)"
+        )
 
 
 def tracking_callbacks(settings: LoggingConfig, trackers: list) -> list:

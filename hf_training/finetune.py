@@ -59,6 +59,9 @@ def validate_finetune(config: FinetuneConfig, world_size: int) -> None:
     if optimizer.use_distributed_optimizer:
         raise ConfigError("optimizer.use_distributed_optimizer is Megatron's; shard optimizer states with "
                           "training.deepspeed=configs/deepspeed/zero2.json (or zero3.json) instead")
+    if optimizer.override_on_resume:
+        raise ConfigError("optimizer.override_on_resume is pretrain_epas.py's: a Trainer resume keeps the "
+                          "checkpoint's optimizer settings; drop it (a changed setting is refused by name on resume)")
 
 
 def _deepspeed_config(path) -> dict:
@@ -146,7 +149,7 @@ def finetune(config: FinetuneConfig) -> Path | None:
     save_and_stop = SaveAndStopCallback(config.training.exit_interval)  # from here on a stop signal saves
     scheduler = SharingScheduler(read_model_config(config.model)["num_hidden_layers"], config.epas)
     if last:
-        check_resumed_schedule(last, scheduler)
+        check_resumed_schedule(last, scheduler, config.optimizer)
     tokenizer_source = config.data.tokenizer or config.model
     tokenizer = load_tokenizer(tokenizer_source)
     num_train = config.training.train_steps * config.data.global_batch_size
@@ -167,7 +170,7 @@ def finetune(config: FinetuneConfig) -> Path | None:
     if last:
         print(f"resuming from {last} (step {_checkpoint_step(last)})", flush=True)
     trackers = start_trackers(config.logging, to_dict(config)) if is_main else []
-    callbacks = [EpasScheduleCallback(model, scheduler), save_and_stop, *tracking_callbacks(config.logging, trackers)]
+    callbacks = [EpasScheduleCallback(model, scheduler, config.optimizer), save_and_stop, *tracking_callbacks(config.logging, trackers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=valid_data,
                       data_collator=PadToLongest(pad_id), callbacks=callbacks)

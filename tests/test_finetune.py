@@ -223,6 +223,18 @@ def test_resuming_with_another_schedule_is_refused(workspace, zero2_run):
     assert code == 2 and "the checkpoint's EPAS schedule has interval=6 but this run has interval=5" in output
 
 
+def test_resuming_with_another_learning_rate_is_refused_and_the_named_fix_trains(workspace, zero2_run):
+    """The Trainer would restore the checkpoint's rate over the config's without a word."""
+    code, output = _finetune(workspace, "zero2", "optimizer.lr=1e-3", "optimizer.adam_beta2=0.99",
+                             "training.train_steps=30", processes=1, check=False)
+    checkpoint = workspace / "zero2" / f"checkpoint-{STEPS}"
+    assert code == 2 and (f"resuming {checkpoint} with another optimizer.lr=0.001 (checkpoint: 0.003), "
+                          "optimizer.adam_beta2=0.99 (checkpoint: 0.95)") in output
+    _, output = _finetune(workspace, "from_checkpoint", f"model={checkpoint}", f"data.tokenizer={workspace / 'llama'}",
+                          "optimizer.lr=1e-3", "training.train_steps=2", processes=1)
+    assert (workspace / "from_checkpoint" / "model" / "config.json").is_file()
+
+
 def test_final_folder_gives_megatron_the_same_logits(workspace, zero3_run):
     from transformers import AutoModelForCausalLM
 
@@ -337,6 +349,7 @@ def test_sft_from_an_epas_export_learns_the_responses(workspace, tmp_path, zero3
     (["training.deepspeed=/nonexistent.json"], "training.deepspeed file '/nonexistent.json' not found"),
     (["model=/nonexistent"], "model folder /nonexistent does not exist"),
     (["epas.num_sharing_layers=7"], "do not fit in 6 layers"),
+    (["optimizer.override_on_resume=true"], "optimizer.override_on_resume is pretrain_epas.py's"),
     (["trainig.train_steps=3"], "did you mean 'training'"),
 ])
 def test_bad_configs_fail_before_start_up(workspace, capsys, overrides, message):
