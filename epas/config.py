@@ -132,6 +132,9 @@ class ParallelConfig:
     first_stage_layers: Count | None = None
     last_stage_layers: Count | None = None  # layers on the last stage (uneven pipelines)
     overlap_grad_reduce: bool = False  # reduce each gradient bucket over data parallelism while backward goes on
+    # parameters per gradient bucket with overlap_grad_reduce (Megatron-LM's --ddp-bucket-size); null: megatron-core's
+    # max(40M, 1M × data-parallel size)
+    ddp_bucket_size: Count | None = None
     # with the distributed optimizer: gather each bucket's updated weights during the next forward
     overlap_param_gather: bool = False
 

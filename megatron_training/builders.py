@@ -32,6 +32,7 @@ def build_chunks(run: RunConfig, config: TransformerConfig) -> list[DistributedD
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=run.optimizer.use_distributed_optimizer,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
+        bucket_size=parallel.ddp_bucket_size,
         overlap_param_gather=parallel.overlap_param_gather,
         # the interleaved schedule starts each chunk's gather itself (param_sync_func in overlap.py), as Megatron-LM
         align_param_gather=parallel.overlap_param_gather and vp is not None,

@@ -6,8 +6,8 @@ A resume continues the same run, so settings fall into four groups, checked key 
   checkpoint's scheduler state belongs to);
 - the optimizer's schedule and Adam hyper-parameters: megatron-core restores them from the
   checkpoint, so a changed value is refused unless ``optimizer.override_on_resume=true`` says to use it;
-- with the distributed optimizer, ``parallel.overlap_grad_reduce`` (refused): it decides the gradient
-  buckets, and the optimizer's states are saved bucket by bucket;
+- with the distributed optimizer, ``parallel.overlap_grad_reduce`` and ``parallel.ddp_bucket_size``
+  (refused): they decide the gradient buckets, and the optimizer's states are saved bucket by bucket;
 - the data (blend, tokenizer, batch size, seed): allowed, with a warning, since the run continues
   at the same sample count over different samples;
 - everything else (steps, intervals, logging, layout, micro-batch size, recompute, clipping):
@@ -66,12 +66,12 @@ def check_resume(common: dict, run: RunConfig, path: Path) -> list[str]:
             "EPAS schedule it was trained with. Drop these overrides, or start a new run from its weights "
             f"with checkpoint.load={path} checkpoint.load_optimizer=false and a new checkpoint.dir"
         )
-    bucketing = _changes(saved, current, ["parallel.overlap_grad_reduce"])
+    bucketing = _changes(saved, current, ["parallel.overlap_grad_reduce", "parallel.ddp_bucket_size"])
     if bucketing and run.optimizer.use_distributed_optimizer:
         raise ConfigError(
-            f"resuming {path} with another {bucketing[0]}: the distributed optimizer's states are saved per "
-            "gradient bucket, and overlap_grad_reduce decides the buckets (about 40M parameters each with it, "
-            "one bucket without). Keep the checkpoint's value for this run"
+            f"resuming {path} with another {', '.join(bucketing)}: the distributed optimizer's states are saved "
+            "per gradient bucket, and these decide the buckets (ddp_bucket_size parameters each with "
+            "overlap_grad_reduce, one bucket without). Keep the checkpoint's values for this run"
         )
     schedule = _changes(saved, current, OPTIMIZER_SCHEDULE)
     if schedule and not run.optimizer.override_on_resume:

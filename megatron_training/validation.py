@@ -69,6 +69,11 @@ def validate_run(run: RunConfig, world_size: int) -> None:
 def _check_operations(run: RunConfig, world_size: int) -> None:
     """Overlap, profiling and retention settings that need another setting to mean anything."""
     parallel, profiling = run.parallel, run.profiling
+    if parallel.ddp_bucket_size is not None and not parallel.overlap_grad_reduce:
+        raise ConfigError(
+            f"parallel.ddp_bucket_size={parallel.ddp_bucket_size} sizes the buckets of overlapped gradient reduction; "
+            "without it the gradients are reduced as one bucket. Set parallel.overlap_grad_reduce=true or drop it"
+        )
     if parallel.overlap_param_gather and not (run.optimizer.use_distributed_optimizer and parallel.overlap_grad_reduce):
         raise ConfigError(
             "parallel.overlap_param_gather gathers the distributed optimizer's weights bucket by bucket; it needs "

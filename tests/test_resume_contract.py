@@ -49,6 +49,8 @@ def test_the_gradient_buckets_of_a_distributed_optimizer_checkpoint_are_kept():
         check_resume(saved, load_config(TINY, [zero1, "parallel.overlap_grad_reduce=true"]), CKPT)
     overlapped = [zero1, "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
     assert check_resume(_saved(*overlapped[:2]), load_config(TINY, overlapped), CKPT) == []
+    with pytest.raises(ConfigError, match=r"parallel.ddp_bucket_size=1000000 \(checkpoint: None\)"):
+        check_resume(_saved(*overlapped[:2]), load_config(TINY, [*overlapped, "parallel.ddp_bucket_size=1000000"]), CKPT)
     assert check_resume(_saved(), load_config(TINY, ["parallel.overlap_grad_reduce=true"]), CKPT) == []
 
 

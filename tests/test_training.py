@@ -80,6 +80,7 @@ def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
         (["parallel.tensor_parallel=2"], 3, "3 processes cannot be split"),
         (["training.recompute=full"], 1, "would drop the gradients"),
         (["epas.num_sharing_layers=4", "epas.growth=3"], 1, "growth"),
+        (["parallel.ddp_bucket_size=1000"], 1, "Set parallel.overlap_grad_reduce=true or drop it"),
     ],
 )
 def test_config_errors_are_clear(tmp_path, overrides, world, message):
@@ -108,16 +109,26 @@ def _resume_from_a_copy(source: Path, run) -> Path:
     return root
 
 
-def _one_bucket_per_parameter_worker(rank, runs):
-    """:func:`train_runs_worker` with megatron-core's DDP putting every parameter in a bucket of its own: each
-    weight is gathered (parallel.overlap_param_gather) when the first module using it runs, so a weight read
-    before its gather finished would be stale."""
-    from functools import partial
-
+def _bucket_counts_worker(rank, runs):
     from megatron_training import builders
 
-    builders.DistributedDataParallelConfig = partial(builders.DistributedDataParallelConfig, bucket_size=1)
-    train_runs_worker(rank, runs)
+    distributed.initialize(runs[0])
+    try:
+        counts = []
+        for run in runs:
+            (chunk,) = builders.build_chunks(run, builders.training_transformer_config(run))
+            counts.append((sum(len(buffer.buckets) for buffer in chunk.buffers), len(list(chunk.parameters()))))
+        return counts
+    finally:
+        distributed.shutdown()
+
+
+def test_ddp_bucket_size_sizes_the_gradient_buckets(tmp_path):
+    overlap = "parallel.overlap_grad_reduce=true"
+    runs = [_run(tmp_path, "default", overlap), _run(tmp_path, "one_each", overlap, "parallel.ddp_bucket_size=1")]
+    (default, one_each), = run_workers(_bucket_counts_worker, 1, runs)
+    assert default[0] == 1  # the tiny model is far below megatron-core's 40M parameters
+    assert one_each[0] == one_each[1] > 10  # every parameter in a bucket of its own
 
 
 def test_resume_and_overlapped_communication_are_exact_at_tp2_dp2_across_a_region_change(tmp_path):
@@ -127,11 +138,13 @@ def test_resume_and_overlapped_communication_are_exact_at_tp2_dp2_across_a_regio
     parallel.overlap_param_gather is continued without the gather overlap (a resume keeps the gradient buckets)
     and equals the first run to rounding. It saves at step 3 (its weights must be gathered first), evaluates at
     step 4 and gathers step 5's update by its forward pre-hooks at step 6 (they must be back after the
-    evaluation), in the sharing layers too."""
+    evaluation), in the sharing layers too. Every parameter has a bucket of its own (parallel.ddp_bucket_size=1),
+    so each weight is gathered when the first module using it runs: a weight read before its gather finished
+    would be stale."""
     layout = ["training.train_steps=6", "parallel.tensor_parallel=2", "epas.interval=2",
               "training.eval_interval=4", "training.eval_steps=1"]
     zero1 = ["optimizer.use_distributed_optimizer=true"]
-    overlap = ["parallel.overlap_grad_reduce=true"]
+    overlap = ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=1"]
     pairs = {
         "grad_reduce": (_run(tmp_path, "grad_reduce", *layout, *overlap, "checkpoint.save_interval=3"), []),
         "zero1": (_run(tmp_path, "zero1", *layout, *zero1, *overlap, "parallel.overlap_param_gather=true",
@@ -143,7 +156,7 @@ def test_resume_and_overlapped_communication_are_exact_at_tp2_dp2_across_a_regio
         runs += [straight, _run(tmp_path, f"{name}_resumed", *layout, *continuation, load)]
     for straight in runs[::2]:
         validate_run(straight, 4)
-    run_workers(_one_bucket_per_parameter_worker, 4, runs)
+    run_workers(train_runs_worker, 4, runs)
 
     def logged(run, tag):
         return _scalars(Path(run.logging.tensorboard_dir), tag)
