@@ -64,8 +64,8 @@ class EpasScheduleCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            state = self.scheduler.state_dict() | {"optimizer": self.optimizer_settings}
-            (folder / SCHEDULE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            schedule = self.scheduler.state_dict() | {"optimizer": self.optimizer_settings}
+            (folder / SCHEDULE_FILE).write_text(json.dumps(schedule, indent=2) + "\n")
 
 
 class SaveAndStopCallback(TrainerCallback):

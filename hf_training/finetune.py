@@ -170,7 +170,8 @@ def finetune(config: FinetuneConfig) -> Path | None:
     if last:
         print(f"resuming from {last} (step {_checkpoint_step(last)})", flush=True)
     trackers = start_trackers(config.logging, to_dict(config)) if is_main else []
-    callbacks = [EpasScheduleCallback(model, scheduler, config.optimizer), save_and_stop, *tracking_callbacks(config.logging, trackers)]
+    callbacks = [EpasScheduleCallback(model, scheduler, config.optimizer), save_and_stop,
+                 *tracking_callbacks(config.logging, trackers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=valid_data,
                       data_collator=PadToLongest(pad_id), callbacks=callbacks)

@@ -345,8 +345,8 @@ def function_changes(saved: dict, run: RunConfig, path: Path) -> list[str]:
     loss of quality when a preset's default was left in by mistake."""
     wanted = to_dict(run.model)
     return [
-        f"starting from {path}, trained with model.{key}={saved[key]!r}, with model.{key}={wanted[key]!r}: the "
-        "weights are used with another position encoding or normalization. Intended for a context extension; "
+        f"{path} was trained with model.{key}={saved[key]!r}; this run uses model.{key}={wanted[key]!r}, so its "
+        "weights meet another position encoding or normalization. Intended for a context extension; "
         f"otherwise set model.{key}={saved[key]!r}"
         for key in FUNCTION_KEYS
         if key in saved and saved[key] != wanted[key]

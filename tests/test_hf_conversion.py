@@ -321,14 +321,14 @@ def test_training_continues_from_a_converted_checkpoint(tmp_path, capfd):
     capfd.readouterr()
     assert run_workers(_continue_worker, 1, run) == [2]
     assert checkpointing.latest_iteration(tmp_path / "b") == 2
-    assert "another position encoding" not in capfd.readouterr().err
+    assert "was trained with model." not in capfd.readouterr().err
 
     # a preset's plain RoPE left in by mistake: trains, and says which setting differs from the weights'
     plain_rope = load_config(TINY, [*shape[:-3], *start, f"checkpoint.dir={tmp_path / 'c'}"])
     assert run_workers(_continue_worker, 1, plain_rope) == [2]
     warned = capfd.readouterr().err
-    assert "trained with model.rotary_base=500000.0, with model.rotary_base=10000.0" in warned
-    assert "model.rope_scaling_factor=32" in warned and "norm_epsilon" not in warned
+    assert "trained with model.rotary_base=500000.0; this run uses model.rotary_base=10000.0" in warned
+    assert "trained with model.rope_scaling_factor=32" in warned and "norm_epsilon" not in warned
 
 
 # --- token ids of the export ------------------------------------------------------------------------
