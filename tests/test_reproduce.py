@@ -233,3 +233,14 @@ def test_sigterm_reaches_the_running_jobs_and_leaves_them_unfinished(tmp_path):
     assert time.monotonic() - begin < 20  # the job was stopped, not waited for
     assert not (tmp_path / "out/state/long.done").exists()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_readme_summary_quotes_the_published_results():
+    """The README sums up docs/RESULTS.md in its own words: results published again must be summed up again."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    summary = readme.split("## Does it do what the paper says?", 1)[1].split("\n## ", 1)[0]
+    figures = re.findall(r"[+-]\d+\.\d+(?: ± \d+\.\d+)?", summary)
+    results = (root / "docs" / "RESULTS.md").read_text()
+    assert len(figures) >= 5
+    assert [figure for figure in figures if figure not in results] == []
