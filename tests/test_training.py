@@ -126,7 +126,7 @@ def _bucket_counts_worker(rank, runs):
 def test_ddp_bucket_size_sizes_the_gradient_buckets(tmp_path):
     overlap = "parallel.overlap_grad_reduce=true"
     runs = [_run(tmp_path, "default", overlap), _run(tmp_path, "one_each", overlap, "parallel.ddp_bucket_size=1")]
-    (default, one_each), = run_workers(_bucket_counts_worker, 1, runs)
+    ((default, one_each),) = run_workers(_bucket_counts_worker, 1, runs)
     assert default[0] == 1  # the tiny model is far below megatron-core's 40M parameters
     assert one_each[0] == one_each[1] > 10  # every parameter in a bucket of its own
 
