@@ -251,14 +251,18 @@ class LoggingConfig:
 
 @dataclass
 class ProfilingConfig:
-    """A torch-profiler window over a few training steps: traces that TensorBoard and Perfetto open."""
+    """A profiler window over a few training steps: torch-profiler traces that TensorBoard and Perfetto open, or
+    the capture range of Nsight Systems."""
 
     start_step: Count | None = None  # the first profiled iteration (null: no profiling)
     num_steps: Count = 3  # iterations in the window
     ranks: list[Annotated[int, Bound(0)]] = field(default_factory=lambda: [0])  # the ranks that profile
+    # "torch": torch.profiler writes a trace; "nsys" (CUDA): the window is Nsight Systems' capture range
+    # (cudaProfilerStart/Stop, with NVTX ranges), for a run under `nsys profile --capture-range=cudaProfilerApi`
+    tool: Literal["torch", "nsys"] = "torch"
     record_shapes: bool = False  # operator input shapes in the trace (larger files)
-    memory_snapshot: bool = False  # on CUDA: also a memory snapshot of the window (open at pytorch.org/memory_viz)
-    dir: str | None = None  # where traces go (null: profile/ under logging.tensorboard_dir)
+    memory_snapshot: bool = False  # torch on CUDA: also a memory snapshot of the window (pytorch.org/memory_viz)
+    dir: str | None = None  # where torch traces go (null: profile/ under logging.tensorboard_dir)
 
 
 @dataclass

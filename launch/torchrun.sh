@@ -21,6 +21,9 @@ Launcher options (each may instead come from the environment variable in bracket
   --rdzv-backend B     c10d (ranks assigned by the rendezvous) or   [RDZV_BACKEND, default c10d]
                        static (ranks from --node-rank)
   --node-rank R        this node's rank, 0..NNODES-1 (static only)  [NODE_RANK, default 0]
+  --nsys DIR           run every worker under Nsight Systems; the    [EPAS_NSYS, default: off]
+                       ranks in profiling.ranks write DIR/rank<R>.nsys-rep over the
+                       iterations of profiling.start_step/num_steps (sets profiling.tool=nsys)
   -h, --help           show this help
 
 Everything else (--config and section.key=value overrides) goes to the entry point, EPAS_ENTRY:
@@ -36,6 +39,7 @@ Signals (to this script, or to every process of the run as SLURM sends them):
 
 Examples:
   launch/torchrun.sh --nproc-per-node 8 --config configs/llama2_7b.yaml
+  launch/torchrun.sh --nsys runs/nsys --config configs/llama_125m.yaml profiling.start_step=10
   # two nodes: run on each of them
   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh --config configs/tiny_cpu.yaml data.mock=true
 EOF
@@ -57,6 +61,7 @@ RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 PYTHON=${PYTHON:-python3}
 EPAS_SHUTDOWN_TIMEOUT=${EPAS_SHUTDOWN_TIMEOUT:-300}
 EPAS_ENTRY=${EPAS_ENTRY:-pretrain_epas.py}
+EPAS_NSYS=${EPAS_NSYS:-}
 case $EPAS_ENTRY in
     pretrain_epas.py | finetune_epas.py) ;;
     *) die "EPAS_ENTRY must be pretrain_epas.py or finetune_epas.py, got '$EPAS_ENTRY'" ;;
@@ -73,7 +78,7 @@ while (($#)); do
     fi
     case $name in
         -h | --help) usage; exit 0 ;;
-        --nnodes | --node-rank | --nproc-per-node | --master-addr | --master-port | --rdzv-id | --rdzv-backend)
+        --nnodes | --node-rank | --nproc-per-node | --master-addr | --master-port | --rdzv-id | --rdzv-backend | --nsys)
             if ((consumed == 2 && $# < 2)); then die "$name needs a value"; fi
             case $name in
                 --nnodes) NNODES=$value ;;
@@ -83,6 +88,7 @@ while (($#)); do
                 --master-port) MASTER_PORT=$value ;;
                 --rdzv-id) RDZV_ID=$value ;;
                 --rdzv-backend) RDZV_BACKEND=$value ;;
+                --nsys) EPAS_NSYS=$value ;;
             esac
             shift "$consumed" ;;
         --) shift; train_args+=("$@"); break ;;
@@ -127,7 +133,20 @@ torchrun_help=$("${torchrun[@]}" --help 2>/dev/null) || die "cannot run torchrun
 if [[ $torchrun_help == *--shutdown-timeout* ]]; then
     cmd+=(--shutdown-timeout "$EPAS_SHUTDOWN_TIMEOUT")
 fi
-cmd+=("$repo_root/$EPAS_ENTRY" "${train_args[@]}")
+if [[ -n $EPAS_NSYS ]]; then
+    [[ $EPAS_ENTRY == pretrain_epas.py ]] || die "--nsys captures pretrain_epas.py's profiling window; $EPAS_ENTRY has none"
+    command -v nsys >/dev/null 2>&1 || die "--nsys: nsys (Nsight Systems) is not on PATH; load or install it (the NGC PyTorch image has it)"
+    mkdir -p "$EPAS_NSYS" || die "--nsys: cannot create the report folder $EPAS_NSYS"
+    # Each worker runs under its own nsys, which records only between the cudaProfilerStart and Stop of
+    # the profiling window (profiling.tool=nsys, given first so that a later override still wins).
+    # %q{RANK} is the worker's global rank, from the environment torchrun gives it.
+    cmd+=(--no-python nsys profile "--trace=cuda,nvtx" --sample=none --cpuctxsw=none
+        --capture-range=cudaProfilerApi --capture-range-end=stop --force-overwrite=true
+        "--output=$EPAS_NSYS/rank%q{RANK}" "$PYTHON" "$repo_root/$EPAS_ENTRY" profiling.tool=nsys)
+else
+    cmd+=("$repo_root/$EPAS_ENTRY")
+fi
+cmd+=("${train_args[@]}")
 
 echo "launch/torchrun.sh on $(hostname): ${cmd[*]}" >&2
 
@@ -138,16 +157,31 @@ export PYTHONUNBUFFERED=1
 # it dies of it (its workers run in sessions of their own and never hear of it), and versions that
 # can forward it (--signals-to-handle) then SIGKILL the workers after the shutdown timeout,
 # possibly mid-save, and exit non-zero. So torchrun runs with SIGUSR1 ignored and this script
-# hands the signal straight to the workers, torchrun's child processes. They save and exit 0, and
-# torchrun then exits 0 as after a normal run.
+# hands the signal straight to the workers. They save and exit 0, and torchrun then exits 0 as
+# after a normal run.
 torchrun_pid=
 interrupted=0
+# The workers: the first processes below torchrun that run its interpreter, so torchrun's children,
+# or with --nsys nsys's. Processes they start themselves are left alone.
 # shellcheck disable=SC2317,SC2329  # (the traps below call these functions)
+workers_below() {
+    local child
+    for child in $(pgrep -P "$1"); do
+        if [[ $(readlink "/proc/$child/exe") == "$2" ]]; then echo "$child"; else workers_below "$child" "$2"; fi
+    done
+}
+# shellcheck disable=SC2317,SC2329
 forward_to_workers() {
     interrupted=1
     echo "launch/torchrun.sh: SIGUSR1 received, asking the workers to save and stop" >&2
-    if [[ -z $torchrun_pid ]] || ! pkill -USR1 -P "$torchrun_pid"; then
+    local workers=()
+    if [[ -n $torchrun_pid ]]; then
+        mapfile -t workers < <(workers_below "$torchrun_pid" "$(readlink "/proc/$torchrun_pid/exe")")
+    fi
+    if ((${#workers[@]} == 0)); then
         echo "launch/torchrun.sh: no worker to signal yet" >&2
+    else
+        kill -USR1 "${workers[@]}" 2>/dev/null || true  # one may have ended meanwhile
     fi
 }
 # SIGTERM/SIGINT/SIGHUP: torchrun handles these itself (it signals the workers, then SIGKILLs them

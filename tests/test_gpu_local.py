@@ -165,7 +165,7 @@ def test_sharing_matches_fp32_reference_within_bf16_tolerance():
 # ---- pretrain_epas.py: 20 steps with the region growing, save, resume -----------------------------
 
 
-def _pretrain(tmp: Path, name: str, *overrides: str) -> None:
+def _pretrain(tmp: Path, name: str, *overrides: str) -> str:
     args = [
         f"device={DEVICE}", "spec=local", "data.mock=true", "data.micro_batch_size=2",
         "data.global_batch_size=8", f"data.cache_dir={tmp / 'cache'}", "training.train_steps=20",
@@ -180,11 +180,16 @@ def _pretrain(tmp: Path, name: str, *overrides: str) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fused kernels: " in result.stdout
+    return result.stdout
 
 
 def test_pretrain_resumes_with_the_same_losses_across_a_region_change(tmp_path):
     _pretrain(tmp_path, "straight", "profiling.start_step=8", "profiling.num_steps=2", "profiling.memory_snapshot=true")
-    _pretrain(tmp_path, "halves", "training.exit_interval=10")
+    # on the GPU the first half also opens Nsight Systems' capture range (no nsys attached: the calls and the
+    # NVTX ranges run, nothing records them) over iterations 4 and 5, which must not change a loss
+    nsys = ["profiling.tool=nsys", "profiling.start_step=4", "profiling.num_steps=2"] if DEVICE == "cuda" else []
+    first_half = _pretrain(tmp_path, "halves", "training.exit_interval=10", *nsys)
+    assert ("Nsight Systems captured iterations 4-5" in first_half) == bool(nsys), first_half[-3000:]
     assert checkpointing.latest_iteration(tmp_path / "halves" / "ckpt") == 10
     _pretrain(tmp_path, "halves")
 

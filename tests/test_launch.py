@@ -1,7 +1,8 @@
 """The launch layer: torchrun across two "nodes", the Dockerfile, the shell scripts, SLURM.
 
 - launch/torchrun.sh runs twice on this machine as two nodes of one c10d rendezvous and trains the
-  tiny preset to a checkpoint; SIGUSR1 to one launcher makes the whole run save and exit 0.
+  tiny preset to a checkpoint; SIGUSR1 to one launcher makes the whole run save and exit 0, also with
+  every worker one process further down, under (a stand-in for) Nsight Systems.
 - The Dockerfile passes hadolint and pins what pyproject.toml allows.
 - Every script passes ``bash -n`` and shellcheck; the ready SLURM scripts' layouts are valid for
   the GPUs they ask for.
@@ -44,7 +45,7 @@ def _tool(name: str) -> str | None:
 class TwoNodes:
     """Two launch/torchrun.sh processes, nodes of one rendezvous on 127.0.0.1."""
 
-    def __init__(self, tmp_path: Path, overrides: list[str]):
+    def __init__(self, tmp_path: Path, overrides: list[str], launcher_args: tuple[str, ...] = (), **extra_env):
         env = dict(os.environ)
         env.update(
             NNODES="2",
@@ -53,6 +54,7 @@ class TwoNodes:
             RDZV_ID=f"test-{os.getpid()}-{tmp_path.name}",
             PYTHON=sys.executable,
             OMP_NUM_THREADS="1",  # two trainers share the cores
+            **extra_env,
         )
         self.logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
         self.procs = []
@@ -61,7 +63,7 @@ class TwoNodes:
         for log in self.logs:
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(
-                    [str(TORCHRUN_SH), *TINY, *overrides], cwd=REPO, env=env,
+                    [str(TORCHRUN_SH), *launcher_args, *TINY, *overrides], cwd=REPO, env=env,
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 ))
 
@@ -99,8 +101,8 @@ class TwoNodes:
 def two_nodes(tmp_path):
     runs = []
 
-    def start(overrides):
-        runs.append(TwoNodes(tmp_path, overrides))
+    def start(overrides, *args, **kwargs):
+        runs.append(TwoNodes(tmp_path, overrides, *args, **kwargs))
         return runs[-1]
 
     yield start
@@ -123,10 +125,32 @@ def test_torchrun_two_nodes_train_to_a_checkpoint(tmp_path, two_nodes):
     assert (ckpt / "iter_0000006").is_dir()
 
 
-def test_torchrun_sigusr1_saves_and_exits_zero(tmp_path, two_nodes):
+FAKE_NSYS = """#!/usr/bin/env bash
+# Stands in for Nsight Systems: logs its arguments and the worker's rank, then runs the command after its
+# options as its child, as nsys does (a CUDA capture range cannot open on CPU).
+echo "RANK=$RANK $*" >> "$NSYS_LOG"
+shift  # profile
+while [[ $1 == --*=* ]]; do shift; done
+"$@" &
+wait $!
+"""
+
+
+@pytest.mark.parametrize("under_nsys", [False, True], ids=["workers", "workers-under-nsys"])
+def test_torchrun_sigusr1_saves_and_exits_zero(tmp_path, two_nodes, under_nsys):
     """SIGUSR1 to one node's launcher: every rank stops at the same step, saves, exits 0."""
     ckpt = tmp_path / "ckpt"
-    run = two_nodes(["training.train_steps=2000", "training.log_interval=1", f"checkpoint.dir={ckpt}"])
+    overrides = ["training.train_steps=2000", "training.log_interval=1", f"checkpoint.dir={ckpt}"]
+    launcher_args, env = (), {}
+    if under_nsys:
+        fake = tmp_path / "bin" / "nsys"
+        fake.parent.mkdir()
+        fake.write_text(FAKE_NSYS)
+        fake.chmod(0o755)
+        launcher_args = ("--nsys", str(tmp_path / "reports"))
+        env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "NSYS_LOG": str(tmp_path / "nsys.log")}
+        overrides.append("profiling.tool=torch")  # overrides the launcher's profiling.tool=nsys: a CPU run
+    run = two_nodes(overrides, launcher_args, **env)
     run.wait_for(r"iteration +\d+/2000 \| loss")
     os.kill(run.procs[0].pid, signal.SIGUSR1)  # the launcher only: it hands the signal to its workers
     codes = run.wait()
@@ -139,6 +163,14 @@ def test_torchrun_sigusr1_saves_and_exits_zero(tmp_path, two_nodes):
     assert 0 < iteration < 2000
     assert (ckpt / "latest").read_text().strip() == str(iteration)
     assert (ckpt / f"iter_{iteration:07d}").is_dir()
+    if under_nsys:
+        calls = sorted((tmp_path / "nsys.log").read_text().splitlines())
+        assert [call.split()[0] for call in calls] == ["RANK=0", "RANK=1"], calls
+        for call in calls:
+            assert (f"profile --trace=cuda,nvtx --sample=none --cpuctxsw=none --capture-range=cudaProfilerApi "
+                    f"--capture-range-end=stop --force-overwrite=true --output={tmp_path / 'reports'}/rank%q{{RANK}} "
+                    f"{sys.executable} {REPO / 'pretrain_epas.py'} profiling.tool=nsys --config") in call, call
+        assert (tmp_path / "reports").is_dir()
 
 
 def test_torchrun_launcher_options():
@@ -154,6 +186,10 @@ def test_torchrun_launcher_options():
     assert bad.returncode == 2 and "RDZV_BACKEND must be c10d or static" in bad.stderr
     bad = launch("--master-port")
     assert bad.returncode == 2 and "--master-port needs a value" in bad.stderr
+    bad = launch("--nsys", "reports", PATH=str(Path(sys.executable).parent) + ":/usr/bin:/bin")
+    assert bad.returncode == 2 and "nsys (Nsight Systems) is not on PATH" in bad.stderr
+    bad = launch("--nsys=reports", EPAS_ENTRY="finetune_epas.py")
+    assert bad.returncode == 2 and "finetune_epas.py has none" in bad.stderr
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------------
