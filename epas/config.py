@@ -344,6 +344,7 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)  # iterations are optimizer steps
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: Seed = 1234  # weights of new layers, data order
 

@@ -1,4 +1,5 @@
-"""Trainer callbacks: the EPAS schedule, saving and stopping as pretrain_epas.py does, and the trackers.
+"""Trainer callbacks: the EPAS schedule, saving and stopping as pretrain_epas.py does, the profiler window and
+the trackers.
 
 The Trainer's ``global_step`` counts completed optimizer steps, which is exactly what
 epas.scheduler.SharingScheduler takes, so the region grows at the same steps as in
@@ -17,8 +18,9 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from epas.config import LoggingConfig, OptimizerConfig
+from epas.config import LoggingConfig, OptimizerConfig, ProfilingConfig
 from epas.errors import ConfigError
+from epas.profiling import StepProfiler
 from epas.scheduler import SharingScheduler
 from epas.trackers import TensorBoardTracker
 
@@ -99,6 +101,24 @@ class SaveAndStopCallback(TrainerCallback):
             control.should_save = control.should_training_stop = True
             if state.is_world_process_zero:
                 print(f"{reason}: saving at step {state.global_step} and stopping", flush=True)
+
+
+class ProfilerCallback(TrainerCallback):
+    """The ``profiling.*`` window (torch trace or Nsight Systems' capture range) over optimizer steps, counted
+    from the resumed step as pretrain_epas.py counts iterations."""
+
+    def __init__(self, settings: ProfilingConfig, tensorboard_dir: str | None):
+        self.settings, self.tensorboard_dir = settings, tensorboard_dir
+        self.profiler = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.profiler = StepProfiler(self.settings, state.global_step, args.device.type == "cuda", self.tensorboard_dir)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.profiler.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.profiler.close()
 
 
 def check_resumed_schedule(checkpoint: str | Path, scheduler: SharingScheduler, optimizer: OptimizerConfig) -> None:

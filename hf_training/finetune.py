@@ -22,11 +22,12 @@ from epas.config import FinetuneConfig, to_dict
 from epas.errors import ConfigError
 from epas.data.tokenizer import load_tokenizer
 from epas.hf_config import read_model_config
+from epas.profiling import check_profiling
 from epas.scheduler import SharingScheduler
 from epas.trackers import check_installed, start_trackers
 
-from .callbacks import (SCHEDULE_FILE, EpasScheduleCallback, SaveAndStopCallback, check_resumed_schedule,
-                        tracking_callbacks)
+from .callbacks import (SCHEDULE_FILE, EpasScheduleCallback, ProfilerCallback, SaveAndStopCallback,
+                        check_resumed_schedule, tracking_callbacks)
 from .data import PadToLongest, build_datasets, check_files
 
 FINAL_FOLDER = "model"
@@ -38,6 +39,7 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_l
 def validate_finetune(config: FinetuneConfig, world_size: int) -> None:
     """Every check that needs no model weights, so a bad config fails in seconds (ConfigError names the fix)."""
     check_installed(config.logging)
+    check_profiling(config.profiling, config.logging.tensorboard_dir, world_size, cuda=torch.cuda.is_available())
     if config.model is None:
         raise ConfigError("model is not set; give the Hugging Face folder to start from (model=PATH)")
     model_config = read_model_config(config.model)
@@ -171,6 +173,7 @@ def finetune(config: FinetuneConfig) -> Path | None:
         print(f"resuming from {last} (step {_checkpoint_step(last)})", flush=True)
     trackers = start_trackers(config.logging, to_dict(config)) if is_main else []
     callbacks = [EpasScheduleCallback(model, scheduler, config.optimizer), save_and_stop,
+                 ProfilerCallback(config.profiling, config.logging.tensorboard_dir),
                  *tracking_callbacks(config.logging, trackers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=valid_data,

@@ -134,7 +134,6 @@ if [[ $torchrun_help == *--shutdown-timeout* ]]; then
     cmd+=(--shutdown-timeout "$EPAS_SHUTDOWN_TIMEOUT")
 fi
 if [[ -n $EPAS_NSYS ]]; then
-    [[ $EPAS_ENTRY == pretrain_epas.py ]] || die "--nsys captures pretrain_epas.py's profiling window; $EPAS_ENTRY has none"
     command -v nsys >/dev/null 2>&1 || die "--nsys: nsys (Nsight Systems) is not on PATH; load or install it (the NGC PyTorch image has it)"
     mkdir -p "$EPAS_NSYS" || die "--nsys: cannot create the report folder $EPAS_NSYS"
     # Each worker runs under its own nsys, which records only between the cudaProfilerStart and Stop of

@@ -21,6 +21,7 @@ from megatron.core.utils import unwrap_model
 
 from epas.config import RunConfig, to_dict
 from epas.flops import attention_counting, training_flops_per_token
+from epas.profiling import StepProfiler
 from epas.scheduler import SharingScheduler
 from megatron_patches.fusions import describe, fusions_of
 from megatron_training import checkpointing, overlap, retention
@@ -28,7 +29,6 @@ from megatron_training.builders import build_chunks, build_lr_scheduler, build_o
 from megatron_training.cadence import Intervals, StopConditions, ThroughputWindow
 from megatron_training.data import build_datasets, micro_batches
 from megatron_training.metrics import MetricsLogger, describe_memory, peak_memory_by_rank
-from megatron_training.profiling import StepProfiler
 from megatron_training.resume import check_resume
 from megatron_training.step_guard import FiniteStepGuard, NonFiniteStepError
 
@@ -98,7 +98,8 @@ class Trainer:
         return self.iteration
 
     def _train_until_done(self) -> None:
-        profiler = StepProfiler(self.run, self.iteration)  # profiling.*
+        profiler = StepProfiler(self.run.profiling, self.iteration, self.run.device == "cuda",
+                                self.run.logging.tensorboard_dir)
         window = ThroughputWindow()  # the steps since the last log line
         while self.iteration < self.run.training.train_steps:
             sharing = self.sharing.current  # the set this step trains with

@@ -8,6 +8,7 @@ import torch
 
 from epas.config import RunConfig
 from epas.errors import ConfigError
+from epas.profiling import check_profiling
 from epas.scheduler import SharingScheduler
 from epas.trackers import check_installed
 from megatron_training.data import check_data_files
@@ -68,7 +69,7 @@ def validate_run(run: RunConfig, world_size: int) -> None:
 
 def _check_operations(run: RunConfig, world_size: int) -> None:
     """Overlap, profiling and retention settings that need another setting to mean anything."""
-    parallel, profiling = run.parallel, run.profiling
+    parallel = run.parallel
     if parallel.ddp_bucket_size is not None and not parallel.overlap_grad_reduce:
         raise ConfigError(
             f"parallel.ddp_bucket_size={parallel.ddp_bucket_size} sizes the buckets of overlapped gradient reduction; "
@@ -79,32 +80,9 @@ def _check_operations(run: RunConfig, world_size: int) -> None:
             "parallel.overlap_param_gather gathers the distributed optimizer's weights bucket by bucket; it needs "
             "optimizer.use_distributed_optimizer=true and parallel.overlap_grad_reduce=true"
         )
-    if profiling.tool == "nsys":
-        _check_nsys_capture(run)
-    if profiling.start_step is not None:
-        if profiling.tool == "torch" and not (profiling.dir or run.logging.tensorboard_dir):
-            raise ConfigError("profiling.start_step is set but there is nowhere to write the traces; set "
-                              "profiling.dir (or logging.tensorboard_dir, whose profile/ folder is then used)")
-        outside = [rank for rank in profiling.ranks if rank >= world_size]
-        if outside:
-            raise ConfigError(f"profiling.ranks={profiling.ranks} names rank(s) {outside} of a world of "
-                              f"{world_size} processes; give ranks below {world_size}")
+    check_profiling(run.profiling, run.logging.tensorboard_dir, world_size, cuda=run.device == "cuda")
     if run.checkpoint.keep_last is not None and not run.checkpoint.dir:
         raise ConfigError("checkpoint.keep_last deletes older checkpoints of checkpoint.dir, which is not set")
-
-
-def _check_nsys_capture(run: RunConfig) -> None:
-    """Nsight Systems captures the CUDA work of the profiler window; it needs both."""
-    profiling = run.profiling
-    if profiling.start_step is None:
-        raise ConfigError("profiling.tool=nsys captures the iterations from profiling.start_step, which is not set; "
-                          "set profiling.start_step=N (and profiling.num_steps)")
-    if profiling.memory_snapshot:
-        raise ConfigError("profiling.memory_snapshot is written by the torch profiler (profiling.tool=torch); with "
-                          "profiling.tool=nsys add --cuda-memory-usage=true to nsys instead")
-    if run.device != "cuda":
-        raise ConfigError(f"profiling.tool=nsys records CUDA work (cudaProfilerStart/Stop, NVTX) and needs "
-                          f"device=cuda, not {run.device}; on CPU use profiling.tool=torch")
 
 
 def _check_sequence_parallel(seq_length: int, tp: int) -> None:

@@ -161,15 +161,29 @@ def test_tensorboard_wandb_and_plots_show_the_run(workspace, zero2_run):
     assert {key: wandb_run.config[key] for key in resolved} == resolved
 
 
+def _profiled_steps(trace: Path) -> tuple[set[str], int]:
+    """The profiler's step markers in a torch trace, and the batches drawn inside them."""
+    names = [event.get("name", "") for event in json.loads(trace.read_text())["traceEvents"]
+             if event.get("cat") == "user_annotation"]
+    return {name for name in names if name.startswith("ProfilerStep#")}, sum("DataLoader" in name for name in names)
+
+
 def test_resume_from_a_trainer_checkpoint_continues_the_schedule(workspace, zero2_run):
     stop_at = 9  # between two growths, with a growth (after step 12) still to come
-    _, first = _finetune(workspace, "resumed", "training.deepspeed=configs/deepspeed/zero2.json",
-                         f"training.exit_interval={stop_at}")
+    # the profiler window, optimizer steps 11 and 12, lies in the resumed half
+    settings = ["training.deepspeed=configs/deepspeed/zero2.json", "profiling.start_step=11", "profiling.num_steps=2"]
+    _, first = _finetune(workspace, "resumed", *settings, f"training.exit_interval={stop_at}")
     assert f"stopped at step {stop_at}" in first and not (workspace / "resumed" / "model").exists()
+    assert not (workspace / "resumed" / "tb" / "profile").exists()
     schedule = json.loads((workspace / "resumed" / f"checkpoint-{stop_at}" / "epas_schedule.json").read_text())
     assert schedule["completed_steps"] == stop_at and schedule["target"] == [3, 4, 5]
-    _, second = _finetune(workspace, "resumed", "training.deepspeed=configs/deepspeed/zero2.json")
+    _, second = _finetune(workspace, "resumed", *settings)
     assert f"checkpoint-{stop_at} (step {stop_at})" in second
+    # counted from the resumed step: step 10 (marker 0) waits, 11 and 12 are traced, one batch each, on rank 0
+    traces = list((workspace / "resumed" / "tb" / "profile").iterdir())
+    assert [trace.name for trace in traces] == ["rank0.11.pt.trace.json"]
+    assert _profiled_steps(traces[0]) == ({"ProfilerStep#1", "ProfilerStep#2"}, 2)
+    assert "rank 0: profiled iterations 11-12" in second
     resumed = _history(workspace, "resumed")
     for step in range(1, STEPS + 1):
         assert resumed[step]["epas/num_sharing_layers"] == zero2_run[step]["epas/num_sharing_layers"]
@@ -351,6 +365,8 @@ def test_sft_from_an_epas_export_learns_the_responses(workspace, tmp_path, zero3
     (["epas.num_sharing_layers=7"], "do not fit in 6 layers"),
     (["optimizer.override_on_resume=true"], "optimizer.override_on_resume is pretrain_epas.py's"),
     (["trainig.train_steps=3"], "did you mean 'training'"),
+    (["profiling.tool=nsys", "profiling.start_step=2"], "but this run is on the CPU; use profiling.tool=torch"),
+    (["profiling.start_step=2", "profiling.ranks=[2]"], "names rank(s) [2] of a world of 1 processes"),
 ])
 def test_bad_configs_fail_before_start_up(workspace, capsys, overrides, message):
     import finetune_epas

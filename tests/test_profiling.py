@@ -1,4 +1,4 @@
-"""The profiler window of pretrain_epas.py (megatron_training/profiling.py) over stand-in iterations: exactly the
+"""The profiler window of both entry points (epas/profiling.py) over stand-in iterations: exactly the
 configured iterations are traced, also after a resume, and a run that ends inside the window still writes it; with
 profiling.tool=nsys exactly they lie inside Nsight Systems' capture range (CUDA's profiler API and emit_nvtx stood in
 for, since they need CUDA). tests/test_training.py checks the trace of a real run for the EPAS ranges."""
@@ -11,19 +11,13 @@ import pytest
 import torch
 from torch.profiler import record_function
 
-from epas.config import RunConfig
-from megatron_training.profiling import StepProfiler
-
-pytestmark = pytest.mark.usefixtures("megatron_cpu")
-
+from epas.config import ProfilingConfig
+from epas.profiling import StepProfiler
 
 def _profile(tmp_path, completed: int, last: int, **settings) -> set[str] | None:
     """Iterations ``completed + 1`` .. ``last``, each a named range; the iterations in the trace (None: no trace)."""
-    run = RunConfig()
-    run.profiling.dir = str(tmp_path)
-    for key, value in settings.items():
-        setattr(run.profiling, key, value)
-    profiler = StepProfiler(run, completed)
+    profiling = ProfilingConfig(dir=str(tmp_path), **settings)
+    profiler = StepProfiler(profiling, completed, cuda=False)
     for iteration in range(completed + 1, last + 1):
         with record_function(f"iteration {iteration}"):
             pass
@@ -32,7 +26,7 @@ def _profile(tmp_path, completed: int, last: int, **settings) -> set[str] | None
     traces = list(tmp_path.glob("*.pt.trace.json"))
     if not traces:
         return None
-    assert [trace.name for trace in traces] == [f"rank0.{run.profiling.start_step}.pt.trace.json"]
+    assert [trace.name for trace in traces] == [f"rank0.{profiling.start_step}.pt.trace.json"]
     events = json.loads(traces[0].read_text())["traceEvents"]
     return {event["name"] for event in events if event.get("name", "").startswith("iteration")}
 
@@ -81,12 +75,8 @@ class _CaptureLog:
 
 def _capture(monkeypatch, completed: int, last: int, **settings) -> list:
     """Iterations ``completed + 1`` .. ``last`` under profiling.tool=nsys: the iterations among the capture calls."""
-    run = RunConfig()
-    run.profiling.tool = "nsys"
-    for key, value in settings.items():
-        setattr(run.profiling, key, value)
     capture = _CaptureLog(monkeypatch)
-    profiler = StepProfiler(run, completed)
+    profiler = StepProfiler(ProfilingConfig(tool="nsys", **settings), completed, cuda=True)
     for iteration in range(completed + 1, last + 1):
         capture.events.append(iteration)
         profiler.step()

@@ -82,7 +82,7 @@ def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
         (["epas.num_sharing_layers=4", "epas.growth=3"], 1, "growth"),
         (["parallel.ddp_bucket_size=1000"], 1, "Set parallel.overlap_grad_reduce=true or drop it"),
         (["profiling.tool=nsys"], 1, "set profiling.start_step=N"),
-        (["profiling.tool=nsys", "profiling.start_step=3"], 1, "needs device=cuda, not cpu"),
+        (["profiling.tool=nsys", "profiling.start_step=3"], 1, "but this run is on the CPU; use profiling.tool=torch"),
         (["profiling.tool=nsys", "profiling.start_step=3", "profiling.memory_snapshot=true"], 1,
          "with profiling.tool=nsys add --cuda-memory-usage=true to nsys instead"),
     ],

@@ -1,4 +1,5 @@
-"""A profiler window over a few training iterations (``profiling.*``), on the ranks listed.
+"""A profiler window over a few training iterations (``profiling.*``), on the ranks listed; pretrain_epas.py
+steps it after every iteration, finetune_epas.py after every optimizer step.
 
 ``profiling.tool=torch``: the trace (``rank<R>.<first iteration>.pt.trace.json``) opens in Perfetto
 (ui.perfetto.dev), in chrome://tracing and in TensorBoard's PyTorch profiler plugin. On CUDA,
@@ -9,8 +10,8 @@
 ``cudaProfilerStop``, for ``nsys profile --capture-range=cudaProfilerApi``, as launch/torchrun.sh
 ``--nsys`` runs it), with every operator an NVTX range; nsys writes the report.
 
-Either way the EPAS work is named by the ``epas/...`` ranges of megatron_patches (the shared-tensor
-hand-off, the V-only or Q-only projection, the pipeline packing).
+Either way pretrain_epas.py's EPAS work is named by the ``epas/...`` ranges of megatron_patches (the
+shared-tensor hand-off, the V-only or Q-only projection, the pipeline packing).
 """
 
 from __future__ import annotations
@@ -21,13 +22,37 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, ProfilerAction
 
-from epas.config import RunConfig
+from epas.config import ProfilingConfig
+from epas.errors import ConfigError
 
 RECORDING = (ProfilerAction.RECORD, ProfilerAction.RECORD_AND_SAVE)
 
 
-def trace_dir(run: RunConfig) -> Path:
-    return Path(run.profiling.dir or Path(run.logging.tensorboard_dir) / "profile")
+def check_profiling(settings: ProfilingConfig, tensorboard_dir: str | None, world_size: int, cuda: bool) -> None:
+    """Settings that need another setting (or CUDA) to mean anything; ConfigError names the fix."""
+    if settings.tool == "nsys":
+        if settings.start_step is None:
+            raise ConfigError("profiling.tool=nsys captures the iterations from profiling.start_step, which is not "
+                              "set; set profiling.start_step=N (and profiling.num_steps)")
+        if settings.memory_snapshot:
+            raise ConfigError("profiling.memory_snapshot is written by the torch profiler (profiling.tool=torch); "
+                              "with profiling.tool=nsys add --cuda-memory-usage=true to nsys instead")
+        if not cuda:
+            raise ConfigError("profiling.tool=nsys records CUDA work (cudaProfilerStart/Stop, NVTX) but this run is "
+                              "on the CPU; use profiling.tool=torch, or run on a GPU (pretrain_epas.py: device=cuda)")
+    if settings.start_step is None:
+        return
+    if settings.tool == "torch" and not (settings.dir or tensorboard_dir):
+        raise ConfigError("profiling.start_step is set but there is nowhere to write the traces; set "
+                          "profiling.dir (or logging.tensorboard_dir, whose profile/ folder is then used)")
+    outside = [rank for rank in settings.ranks if rank >= world_size]
+    if outside:
+        raise ConfigError(f"profiling.ranks={settings.ranks} names rank(s) {outside} of a world of "
+                          f"{world_size} processes; give ranks below {world_size}")
+
+
+def trace_dir(settings: ProfilingConfig, tensorboard_dir: str | None) -> Path:
+    return Path(settings.dir or Path(tensorboard_dir) / "profile")
 
 
 class StepProfiler:
@@ -37,8 +62,8 @@ class StepProfiler:
     :meth:`close` if training ends inside it.
     """
 
-    def __init__(self, run: RunConfig, completed: int):
-        settings, rank = run.profiling, dist.get_rank()
+    def __init__(self, settings: ProfilingConfig, completed: int, cuda: bool, tensorboard_dir: str | None = None):
+        rank = dist.get_rank() if dist.is_initialized() else 0
         self.recorder = None
         if settings.start_step is None or rank not in settings.ranks:
             return
@@ -48,8 +73,10 @@ class StepProfiler:
             return
         self.iteration = completed
         self.last = settings.start_step + settings.num_steps - 1
-        recorder = NsysCapture if settings.tool == "nsys" else TorchTrace
-        self.recorder = recorder(run, rank, settings.start_step, self.last, completed)
+        if settings.tool == "nsys":
+            self.recorder = NsysCapture(settings, rank, completed)
+        else:
+            self.recorder = TorchTrace(settings, rank, completed, cuda, trace_dir(settings, tensorboard_dir))
 
     def step(self) -> None:
         """An iteration has ended."""
@@ -69,16 +96,16 @@ class StepProfiler:
 class TorchTrace:
     """``torch.profiler`` over iterations ``first`` .. ``last`` (one warm-up iteration before), written at the end."""
 
-    def __init__(self, run: RunConfig, rank: int, first: int, last: int, completed: int):
-        settings = run.profiling
-        self.rank, self.first, self.last, self.iteration = rank, first, last, completed
-        self.dir = trace_dir(run)
-        self.memory = settings.memory_snapshot and run.device == "cuda"
+    def __init__(self, settings: ProfilingConfig, rank: int, completed: int, cuda: bool, folder: Path):
+        self.rank, self.first, self.iteration = rank, settings.start_step, completed
+        self.last = settings.start_step + settings.num_steps - 1
+        self.dir = folder
+        self.memory = settings.memory_snapshot and cuda
         self.recording_memory = False
-        before = first - 1 - completed  # iterations to run before the window
+        before = self.first - 1 - completed  # iterations to run before the window
         warmup = min(1, before)
         self.profiler = torch.profiler.profile(
-            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device == "cuda" else []),
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
             schedule=torch.profiler.schedule(wait=before - warmup, warmup=warmup, active=settings.num_steps,
                                              repeat=1),
             on_trace_ready=self._write,
@@ -120,9 +147,9 @@ class NsysCapture:
     first, ``cudaProfilerStop`` after the last, every operator (and EPAS range) an NVTX range in between
     (``emit_nvtx``), so the report holds the window alone and no warm-up or start-up time."""
 
-    def __init__(self, run: RunConfig, rank: int, first: int, last: int, completed: int):
-        self.rank, self.first, self.iteration = rank, first, completed
-        self.nvtx = torch.autograd.profiler.emit_nvtx(record_shapes=run.profiling.record_shapes)
+    def __init__(self, settings: ProfilingConfig, rank: int, completed: int):
+        self.rank, self.first, self.iteration = rank, settings.start_step, completed
+        self.nvtx = torch.autograd.profiler.emit_nvtx(record_shapes=settings.record_shapes)
         self.capturing = False
         self._start_if_due()
 
