@@ -161,17 +161,18 @@ def test_tensorboard_wandb_and_plots_show_the_run(workspace, zero2_run):
     assert {key: wandb_run.config[key] for key in resolved} == resolved
 
 
-def _profiled_steps(trace: Path) -> tuple[set[str], int]:
-    """The profiler's step markers in a torch trace, and the batches drawn inside them."""
-    names = [event.get("name", "") for event in json.loads(trace.read_text())["traceEvents"]
-             if event.get("cat") == "user_annotation"]
-    return {name for name in names if name.startswith("ProfilerStep#")}, sum("DataLoader" in name for name in names)
+def _projections_per_profiled_step(trace: Path) -> dict[str, int]:
+    """The profiler's step markers in a torch trace, each with the linear layers run inside it."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = [event for event in events if event.get("name", "").startswith("ProfilerStep#")]
+    linears = [event["ts"] for event in events if event.get("name") == "aten::linear"]
+    return {step["name"]: sum(step["ts"] <= ts <= step["ts"] + step["dur"] for ts in linears) for step in steps}
 
 
 def test_resume_from_a_trainer_checkpoint_continues_the_schedule(workspace, zero2_run):
     stop_at = 9  # between two growths, with a growth (after step 12) still to come
-    # the profiler window, optimizer steps 11 and 12, lies in the resumed half
-    settings = ["training.deepspeed=configs/deepspeed/zero2.json", "profiling.start_step=11", "profiling.num_steps=2"]
+    # the profiler window, optimizer steps 12 and 13, lies in the resumed half, around a growth of the region
+    settings = ["training.deepspeed=configs/deepspeed/zero2.json", "profiling.start_step=12", "profiling.num_steps=2"]
     _, first = _finetune(workspace, "resumed", *settings, f"training.exit_interval={stop_at}")
     assert f"stopped at step {stop_at}" in first and not (workspace / "resumed" / "model").exists()
     assert not (workspace / "resumed" / "tb" / "profile").exists()
@@ -179,11 +180,14 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(workspace, zero
     assert schedule["completed_steps"] == stop_at and schedule["target"] == [3, 4, 5]
     _, second = _finetune(workspace, "resumed", *settings)
     assert f"checkpoint-{stop_at} (step {stop_at})" in second
-    # counted from the resumed step: step 10 (marker 0) waits, 11 and 12 are traced, one batch each, on rank 0
+    # counted from the resumed step: steps 10 and 11 (markers 0 and 1) wait, 12 and 13 are traced on rank 0;
+    # step 13 runs fewer projections than step 12: its region grew after step 12
     traces = list((workspace / "resumed" / "tb" / "profile").iterdir())
-    assert [trace.name for trace in traces] == ["rank0.11.pt.trace.json"]
-    assert _profiled_steps(traces[0]) == ({"ProfilerStep#1", "ProfilerStep#2"}, 2)
-    assert "rank 0: profiled iterations 11-12" in second
+    assert [trace.name for trace in traces] == ["rank0.12.pt.trace.json"]
+    projections = _projections_per_profiled_step(traces[0])
+    assert sorted(projections) == ["ProfilerStep#2", "ProfilerStep#3"]
+    assert projections["ProfilerStep#2"] > projections["ProfilerStep#3"] > 0, projections
+    assert "rank 0: profiled iterations 12-13" in second
     resumed = _history(workspace, "resumed")
     for step in range(1, STEPS + 1):
         assert resumed[step]["epas/num_sharing_layers"] == zero2_run[step]["epas/num_sharing_layers"]
