@@ -76,7 +76,7 @@ class StepProfiler:
         if settings.tool == "nsys":
             self.recorder = NsysCapture(settings, rank, completed)
         else:
-            self.recorder = TorchTrace(settings, rank, completed, cuda, trace_dir(settings, tensorboard_dir))
+            self.recorder = TorchTrace(settings, rank, completed, self.last, cuda, trace_dir(settings, tensorboard_dir))
 
     def step(self) -> None:
         """An iteration has ended."""
@@ -96,9 +96,8 @@ class StepProfiler:
 class TorchTrace:
     """``torch.profiler`` over iterations ``first`` .. ``last`` (one warm-up iteration before), written at the end."""
 
-    def __init__(self, settings: ProfilingConfig, rank: int, completed: int, cuda: bool, folder: Path):
-        self.rank, self.first, self.iteration = rank, settings.start_step, completed
-        self.last = settings.start_step + settings.num_steps - 1
+    def __init__(self, settings: ProfilingConfig, rank: int, completed: int, last: int, cuda: bool, folder: Path):
+        self.rank, self.first, self.last, self.iteration = rank, settings.start_step, last, completed
         self.dir = folder
         self.memory = settings.memory_snapshot and cuda
         self.recording_memory = False
