@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from epas.config import ProfilingConfig
 from epas.profiling import StepProfiler
 
+
 def _profile(tmp_path, completed: int, last: int, **settings) -> set[str] | None:
     """Iterations ``completed + 1`` .. ``last``, each a named range; the iterations in the trace (None: no trace)."""
     profiling = ProfilingConfig(dir=str(tmp_path), **settings)
